@@ -2,7 +2,8 @@
 
 Box formats used throughout the project (all coordinates relative to the 300x300 network input, 0..1):
 
-* ``xywh``: (cx, cy, w, h), centre and extent, as NVIDIA's ``DefaultBoxes`` and DALI's ``box_encoder`` emit them.
+* ``xywh``: (cx, cy, w, h), centre and extent, as NVIDIA's ``DefaultBoxes`` and DALI's ``box_encoder``
+  emit them.
 * ``ltrb``: (left, top, right, bottom), as torchvision's ``xyxy``.
 
 The 8732 default boxes built here are the single source of truth for the model's anchor order, the loss, the
@@ -66,8 +67,8 @@ def make_default_boxes(
 ) -> DefaultBoxes:
     """Build the default boxes in NVIDIA SSD300 v1.1 order: per feature map, per box size, row i, column j.
 
-    The defaults give the 8732 SSD300 COCO boxes (``dboxes300_coco``). ``fig_size / step`` (not the feature size)
-    is the cell count used for centres, per the Caffe convention.
+    The defaults give the 8732 SSD300 COCO boxes (``dboxes300_coco``). ``fig_size / step`` (not the feature
+    size) is the cell count used for centres, per the Caffe convention.
     """
     boxes: list[tuple[float, float, float, float]] = []
     per_location: list[int] = []
@@ -83,7 +84,7 @@ def make_default_boxes(
         for w, h in shapes:
             for i, j in itertools.product(range(size), repeat=2):
                 boxes.append(((j + 0.5) / cells, (i + 0.5) / cells, w, h))
-    xywh = torch.tensor(boxes, dtype=torch.float32).clamp_(0, 1)
+    xywh = torch.tensor(boxes, dtype=torch.float32, device="cpu").clamp_(0, 1)
     ltrb = box_convert(xywh, "cxcywh", "xyxy")
     return DefaultBoxes(xywh, ltrb, scale_xy, scale_wh, tuple(per_location))
 
@@ -100,7 +101,10 @@ def ssd300_default_boxes() -> DefaultBoxes:
 
 
 def encode_offsets(
-    boxes_xywh: torch.Tensor, anchors_xywh: torch.Tensor, scale_xy: float = SCALE_XY, scale_wh: float = SCALE_WH
+    boxes_xywh: torch.Tensor,
+    anchors_xywh: torch.Tensor,
+    scale_xy: float = SCALE_XY,
+    scale_wh: float = SCALE_WH,
 ) -> torch.Tensor:
     """Regression targets of boxes against anchors (NVIDIA's ``Loss._loc_vec``).
 

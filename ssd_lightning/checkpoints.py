@@ -1,0 +1,187 @@
+"""Load an SSD300 from a train.py (Lightning) checkpoint or an NVIDIA DeepLearningExamples checkpoint.
+
+* train.py: ``{"state_dict": {"model.<SSD300 key>": ...}, "hyper_parameters": {"backbone", "num_classes",
+  "category_ids", "class_names", ...}, ...}``.
+* NVIDIA: ``{"model": state_dict, "label_map"?: {0: "background", 1: "person", ...}, "epoch", ...}``, keys
+  possibly prefixed ``module.`` (saved from DistributedDataParallel).
+* a bare SSD300 ``state_dict`` (``torch.save(model.state_dict(), path)``).
+
+Files are always read with ``torch.load(weights_only=True)``. The backbone and class count are read from the
+hyper-parameters when present, otherwise inferred from the state dict.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ssd_lightning.boxes import ssd300_default_boxes
+from ssd_lightning.model import SSD300
+
+TRUNK = "feature_extractor.feature_extractor."
+LAYER3 = TRUNK + "6."  # conv4_x
+# (bottleneck?, blocks in layer3) -> backbone
+BACKBONE_BY_LAYER3 = {
+    (False, 2): "resnet18",
+    (False, 6): "resnet34",
+    (True, 6): "resnet50",
+    (True, 23): "resnet101",
+    (True, 36): "resnet152",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not an SSD300 checkpoint (one-line message)."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What a checkpoint says about its model.
+
+    Attributes:
+        state_dict: SSD300 state dict (NVIDIA key names, no prefix).
+        backbone: ``resnet18`` ... ``resnet152``.
+        num_classes: classes including the background.
+        category_ids: dataset category id of labels 1..C-1 (train.py checkpoints), else None.
+        class_names: names of labels 1..C-1 (train.py hyper-parameters or NVIDIA ``label_map``), else None.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    backbone: str
+    num_classes: int
+    category_ids: list[int] | None = None
+    class_names: list[str] | None = None
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SSD300:
+    """An eval-mode :class:`SSD300` with the weights of checkpoint ``path`` (see the module docstring).
+
+    Raises:
+        CheckpointError: missing file, not an SSD300 checkpoint, or keys/shapes that do not match.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    model = SSD300(backbone=ckpt.backbone, num_classes=ckpt.num_classes)
+    _check_keys(path, model, ckpt)
+    model.load_state_dict(ckpt.state_dict, strict=False)  # only num_batches_tracked may be missing (checked)
+    return model.to(map_location).eval()
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Read checkpoint ``path`` without building a model. Raises :class:`CheckpointError`."""
+    obj = _load(Path(path), map_location)
+    hparams: dict = {}
+    names = None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning
+        hparams = obj.get("hyper_parameters") or {}
+        state = {k[6:]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        names = hparams.get("class_names")
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # NVIDIA
+        state = obj["model"]
+        names = _label_map_names(obj.get("label_map"))
+    else:
+        state = obj
+    state = _strip_module(state)
+    if not _looks_like_ssd300(state):
+        raise CheckpointError(
+            f"{path} is not an SSD300 checkpoint: expected a train.py checkpoint (.ckpt), an NVIDIA "
+            "DeepLearningExamples file with a 'model' state dict, or an SSD300 state_dict"
+        )
+    return LoadedCheckpoint(
+        state_dict=state,
+        backbone=hparams.get("backbone") or infer_backbone(state, path),
+        num_classes=int(hparams.get("num_classes") or infer_num_classes(state)),
+        category_ids=_as_list(hparams.get("category_ids")),
+        class_names=_as_list(names),
+    )
+
+
+def infer_backbone(state: dict[str, torch.Tensor], path: str | os.PathLike = "checkpoint") -> str:
+    """Backbone name from the layer3 (conv4_x) blocks of an SSD300 state dict."""
+    blocks = {k[len(LAYER3) :].split(".")[0] for k in state if k.startswith(LAYER3)}
+    bottleneck = f"{LAYER3}0.conv3.weight" in state
+    name = BACKBONE_BY_LAYER3.get((bottleneck, len(blocks)))
+    if name is None:
+        kind = "bottleneck" if bottleneck else "basic"
+        raise CheckpointError(f"{path}: no known ResNet trunk has {len(blocks)} {kind} blocks in layer3")
+    return name
+
+
+def infer_num_classes(state: dict[str, torch.Tensor]) -> int:
+    """Classes (background included) from the first conf head: its outputs are (boxes per cell) x classes."""
+    boxes_per_cell = ssd300_default_boxes().boxes_per_location[0]
+    return state["conf.0.weight"].shape[0] // boxes_per_cell
+
+
+def _load(path: Path, map_location: str | torch.device) -> object:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if refused:
+            raise CheckpointError(
+                f"{path} holds a pickled {refused[1]}, which torch.load(weights_only=True) refuses: "
+                "save plain tensors and Python types only"
+            ) from None
+        raise CheckpointError(
+            f"{path} is not an SSD300 checkpoint: expected a train.py checkpoint (.ckpt) or an NVIDIA "
+            f"DeepLearningExamples file with a 'model' state dict (torch.load failed: {type(err).__name__})"
+        ) from None
+
+
+def _strip_module(state: object) -> object:
+    """Drop a DistributedDataParallel ``module.`` (or torch.compile ``_orig_mod.``) prefix."""
+    for prefix in ("module.", "_orig_mod."):
+        if isinstance(state, dict) and state and all(str(k).startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _looks_like_ssd300(state: object) -> bool:
+    if not isinstance(state, dict):
+        return False
+    needed = ("conf.0.weight", "loc.0.weight", f"{TRUNK}0.weight", f"{LAYER3}0.conv1.weight")
+    return all(isinstance(state.get(k), torch.Tensor) for k in needed)
+
+
+def _label_map_names(label_map: object) -> list[str] | None:
+    """NVIDIA ``label_map`` {0: 'background', 1: 'person', ...} -> names of labels 1..C-1."""
+    if not isinstance(label_map, dict):
+        return None
+    return [str(label_map[k]) for k in sorted(label_map, key=int) if int(k) != 0]
+
+
+def _as_list(value: object) -> list | None:
+    return None if value is None else list(value)
+
+
+def _check_keys(path: str | os.PathLike, model: SSD300, ckpt: LoadedCheckpoint) -> None:
+    """Raise a one-line CheckpointError naming a few missing, unexpected or mis-shaped keys."""
+    expected = model.state_dict()
+    state = ckpt.state_dict
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(getattr(state[k], 'shape', []))} != {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and getattr(state[k], "shape", None) != v.shape
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", shapes),
+        )
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match SSD300(backbone={ckpt.backbone!r}, num_classes={ckpt.num_classes}): "
+            + "; ".join(problems)
+        )
