@@ -1,0 +1,772 @@
+"""COCODataModule: NVIDIA DALI pipelines for COCO-format detection data inside a LightningDataModule.
+
+One pipeline per process (rank): ``shard_id=global_rank``, ``num_shards=world_size``, ``device_id`` = the
+rank's CUDA device (or None on CPU). The iterables returned by the ``*_dataloader`` methods wrap
+``DALIGenericIterator(reader_name=...)`` and yield dicts:
+
+* train: ``images`` [N, 3, 300, 300] float32 (float16 / bfloat16 when the trainer precision is 16 / bf16),
+  ``boxes`` [N, 8732, 4] float32 xywh relative (``box_encoder`` output), ``labels`` [N, 8732] int64
+  (contiguous 1..K, 0 background). Every batch is full (N = ``batch_size``) and every rank yields the same
+  number of batches per epoch, ``len(loader)`` = floor(floor(images / ranks) / batch_size); the set is
+  re-shuffled globally every epoch and the ranks read disjoint shards of it.
+* val / test / predict: ``images`` [N, 3, 300, 300], ``image_ids`` [N] int64, ``image_sizes`` [N, 2] int64
+  (height, width of the original image, from the annotation file). Over all ranks every image of
+  ``val_image_ids`` is yielded exactly once per epoch (padding samples are never yielded; ranks may differ by
+  one batch). Each ``iter()`` starts a fresh epoch, also after a partially consumed one (Lightning's sanity
+  check, ``limit_val_batches``): the pipeline is rebuilt then, since DALI cannot reset mid-epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ssd_lightning.boxes import ssd300_default_boxes
+from ssd_lightning.data.coco import (
+    CategoryMap,
+    CocoAnnotations,
+    DataError,
+    DataWarning,
+    check_image_files,
+    dali_decode_error,
+    read_annotations,
+    resolve_split_paths,
+    warn_sanitised,
+    write_reader_annotations,
+)
+from ssd_lightning.data.pipelines import (
+    CROP_THRESHOLDS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    READER_NAME,
+    eval_pipeline,
+    train_pipeline,
+)
+from ssd_lightning.data.synthetic import ensure_synthetic_coco
+
+__all__ = ["COCODataModule", "TrainLoader", "EvalLoader", "find_undecodable_image"]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DALI failures -> DataError
+
+
+def _dali_reason(exc: BaseException) -> str:
+    """The informative line of a DALI error (the message is a multi-line C++ report)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        for key in ("Error in thread", "Assert on", "nvImageCodec", "Failed to decode", "[/opt/dali"):
+            if key in ln and not ln.startswith("C++ context"):
+                return ln.split(": ", 1)[1] if ln.startswith("Error in thread") and ": " in ln else ln
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _is_decode_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(k in text for k in ("decoders.image", "nvImageCodec", "decode", "Decode"))
+
+
+def find_undecodable_image(paths: Sequence[Path]) -> tuple[Path, str] | None:
+    """Decode ``paths`` one by one with DALI's own CPU decoder; the first failing (path, reason), or None."""
+    for p in paths:
+        reason = dali_decode_error(p)
+        if reason is not None:
+            return Path(p), reason
+    return None
+
+
+class _DaliLoader:
+    """Shared part of the train/eval iterables: DALI iterator construction, DALI failures -> DataError."""
+
+    output_map: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        build_pipeline: Callable[[], Any],
+        split: str,
+        images_dir: Path,
+        candidate_files: Callable[[int], list[Path]],
+        cast: torch.dtype | None,
+    ) -> None:
+        self._build_pipeline = build_pipeline
+        self.split = split
+        self.images_dir = images_dir
+        self._candidates = candidate_files
+        self._cast = cast
+        self._pipe = None
+        self._it = None
+        self._position = 0  # samples consumed in the current DALI epoch (to locate a decode failure)
+
+    def _fail(self, exc: BaseException) -> DataError:
+        self.release()
+        if _is_decode_failure(exc):
+            candidates = self._candidates(self._position)
+            if len(candidates) > 500:
+                log.warning(
+                    "DALI could not decode an image of the %s split; decoding %d candidate files to name it",
+                    self.split,
+                    len(candidates),
+                )
+            found = find_undecodable_image(candidates)
+            if found is not None:
+                path, reason = found
+                return DataError(
+                    f"cannot decode {path} ({reason}); replace the file or remove it from the {self.split} "
+                    "annotation file"
+                )
+        return DataError(
+            f"the DALI {self.split} pipeline over {self.images_dir} failed: {_dali_reason(exc)}; check the "
+            f"images and annotations of the {self.split} split"
+        )
+
+    def _build(self) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.release()
+        self._position = 0
+        try:
+            pipe = self._build_pipeline()
+            pipe.build()
+            self._pipe = pipe
+            self._it = DALIGenericIterator(
+                pipe,
+                list(self.output_map),
+                reader_name=READER_NAME,
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=False,
+            )
+        except RuntimeError as e:
+            raise self._fail(e) from None
+
+    def _next_raw(self) -> dict[str, torch.Tensor]:
+        """Next DALI batch of this pipeline; StopIteration at the end of the DALI epoch."""
+        try:
+            out = next(self._it)[0]
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            raise self._fail(e) from None
+        self._position += int(out["images"].shape[0])
+        return out
+
+    def _reset_epoch(self) -> None:
+        self._it.reset()
+        self._position = 0
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self._cast) if self._cast is not None else images
+
+    def release(self) -> None:
+        """Drop the DALI pipeline (it is rebuilt on the next ``iter()``)."""
+        self._it = None
+        self._pipe = None
+
+
+class TrainLoader(_DaliLoader):
+    """Training iterable: ``len(self)`` full batches per ``iter()`` from an endless stream of DALI epochs.
+
+    Each DALI epoch is this rank's shard of one global permutation; only its first ``len(self)`` full batches
+    are used (the same count on every rank), the rest of the shard is discarded. A partially consumed
+    ``iter()`` (``limit_train_batches``, ``max_steps``) is continued by the next one.
+    """
+
+    output_map = ("images", "boxes", "labels")
+
+    def __init__(
+        self, *args, batch_size: int, num_batches: int, with_image_ids: bool = False, **kwargs
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        if with_image_ids:
+            self.output_map = (*self.output_map, "image_ids")
+        self._kept = 0  # full batches used from the current DALI epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(self.num_batches):
+            yield self._next_batch()
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._build()
+            self._kept = 0
+        while True:
+            if self._kept >= self.num_batches:
+                self._drain()
+            try:
+                raw = self._next_raw()
+            except StopIteration:
+                self._reset_epoch()
+                self._kept = 0
+                continue
+            if raw["images"].shape[0] < self.batch_size:
+                continue  # the shard's last, partial batch
+            self._kept += 1
+            batch = {
+                "images": self._images(raw["images"]),
+                "boxes": raw["boxes"],
+                "labels": raw["labels"].long(),
+            }
+            if "image_ids" in raw:
+                batch["image_ids"] = raw["image_ids"].reshape(-1).long()
+            return batch
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._next_raw()
+            except StopIteration:
+                break
+        self._reset_epoch()
+        self._kept = 0
+
+
+class EvalLoader(_DaliLoader):
+    """Evaluation iterable: each ``iter()`` yields this rank's shard once, in order, without padding
+    samples."""
+
+    output_map = ("images", "image_ids")
+
+    def __init__(
+        self, *args, batch_size: int, shard_size: int, image_sizes: Mapping[int, tuple[int, int]], **kwargs
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+        self.shard_size = shard_size
+        self._sizes = image_sizes
+        self._dirty = False  # the DALI epoch in flight was not finished
+        self._generation = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.shard_size / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._generation += 1
+        generation = self._generation
+        if self.shard_size == 0:
+            return
+        if self._it is None or self._dirty:
+            self._build()
+        self._dirty = True
+        seen = 0
+        while seen < self.shard_size:
+            if generation != self._generation:
+                return  # a newer iter() took over the pipeline
+            try:
+                raw = self._next_raw()
+            except StopIteration:
+                raise RuntimeError(
+                    f"DALI {self.split} pipeline ended after {seen} of {self.shard_size} images"
+                ) from None
+            n = min(int(raw["images"].shape[0]), self.shard_size - seen)
+            if n == 0:
+                continue
+            seen += n
+            ids = raw["image_ids"][:n].reshape(-1).long().cpu()
+            batch = {
+                "images": self._images(raw["images"][:n]),
+                "image_ids": ids,
+                "image_sizes": torch.tensor([self._sizes[int(i)] for i in ids], dtype=torch.int64).reshape(
+                    -1, 2
+                ),
+            }
+            if seen >= self.shard_size:
+                self._finish()
+            yield batch
+
+    def _finish(self) -> None:
+        """Consume the padding left in the DALI epoch and reset, so the next ``iter()`` reuses the
+        pipeline."""
+        while True:
+            try:
+                self._next_raw()
+            except StopIteration:
+                break
+        self._reset_epoch()
+        self._dirty = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# DataModule
+
+
+def _plain(v):
+    """Hydra containers (ListConfig/DictConfig) to plain Python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(v, DictConfig | ListConfig):
+            return OmegaConf.to_container(v, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+def _pair(v, name: str) -> tuple[float, float]:
+    v = _plain(v)
+    if not (isinstance(v, Sequence) and len(v) == 2 and float(v[0]) <= float(v[1])):
+        raise ValueError(f"data.{name} must be a [low, high] pair with low <= high, got {v!r}")
+    return float(v[0]), float(v[1])
+
+
+def shard_size(num_samples: int, shard_id: int, num_shards: int) -> int:
+    """Samples in DALI's shard ``shard_id`` of ``num_shards`` (contiguous, sizes differ by at most one)."""
+    return (num_samples * (shard_id + 1)) // num_shards - (num_samples * shard_id) // num_shards
+
+
+def shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:
+    return range((num_samples * shard_id) // num_shards, (num_samples * (shard_id + 1)) // num_shards)
+
+
+class COCODataModule(pl.LightningDataModule):
+    """COCO-format detection data through NVIDIA DALI (see the module docstring for the batch formats).
+
+    Args:
+        root: dataset folder: ``images/{train2017,val2017}`` + ``annotations/instances_{train,val}2017.json``
+            (seed layout) or ``{train2017,val2017,annotations}`` (COCO layout).
+        train_images, train_annotations, val_images, val_annotations: per-split overrides (relative paths are
+            relative to ``root``).
+        batch_size: per-process training batch (as NVIDIA's ``--bs``); ``val_batch_size`` defaults to it.
+        num_threads: DALI CPU threads per pipeline.
+        device: ``auto`` (decode and augment on the GPU when the trainer runs on CUDA, or, without a trainer,
+            when CUDA is available), ``gpu`` or ``cpu``.
+        seed: augmentation seed of rank r is ``seed + r``; the global shuffle uses ``seed`` on every rank
+            (None: 0).
+        shard_id, num_shards, device_id: explicit sharding / CUDA device (default: from the trainer, else
+        0/1).
+        precision: output precision (``"16-mixed"``, ``"bf16-mixed"``, ``"32"``...); default: the trainer's.
+        val_include_empty: evaluate on every image of the val file (official COCO protocol, default) or only
+        on
+            images with annotations (NVIDIA's 4952 of 5000).
+        train_include_crowd: use ``iscrowd`` boxes as training targets (NVIDIA does; COCO evaluation always
+            treats them as ignore regions).
+        check_images: check every image's header/trailer/size up front (existence is always checked).
+        cache_dir: where a sanitised annotation copy is written when needed (default: a private temp folder).
+        synthetic: if set (kwargs of :func:`ensure_synthetic_coco`, e.g. ``{num_train: 1000, num_val: 200}``),
+            the synthetic set is written into ``root`` on first use.
+        crop_*, flip_probability, brightness, contrast, saturation, hue (degrees), mean, std, match_iou:
+            augmentation and encoding parameters (NVIDIA SSD300 v1.1 defaults).
+        prefetch_queue_depth: DALI prefetch depth.
+        train_image_ids: also yield ``image_ids`` [N] int64 in training batches (debugging, tests).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        train_images: str | None = None,
+        train_annotations: str | None = None,
+        val_images: str | None = None,
+        val_annotations: str | None = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_threads: int = 4,
+        device: str = "auto",
+        seed: int | None = 0,
+        shard_id: int | None = None,
+        num_shards: int | None = None,
+        device_id: int | None = None,
+        precision: str | int | None = None,
+        val_include_empty: bool = True,
+        train_include_crowd: bool = True,
+        check_images: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        crop_thresholds: Sequence[float] = CROP_THRESHOLDS,
+        crop_scaling: Sequence[float] = (0.3, 1.0),
+        crop_aspect_ratio: Sequence[float] = (0.5, 2.0),
+        crop_attempts: int = 50,
+        flip_probability: float = 0.5,
+        brightness: Sequence[float] = (0.875, 1.125),
+        contrast: Sequence[float] = (0.5, 1.5),
+        saturation: Sequence[float] = (0.5, 1.5),
+        hue: Sequence[float] = (-0.5, 0.5),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        match_iou: float = 0.5,
+        prefetch_queue_depth: int = 2,
+        train_image_ids: bool = False,
+    ) -> None:
+        super().__init__()
+        self.root = str(root) if root not in (None, "") else None
+        self._overrides = {
+            "train": (train_images, train_annotations),
+            "val": (val_images, val_annotations),
+        }
+        if int(batch_size) < 1 or (val_batch_size is not None and int(val_batch_size) < 1):
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size} / {val_batch_size}")
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else self.batch_size
+        self.num_threads = max(1, int(num_threads))
+        if str(device).lower() not in ("auto", "gpu", "cpu", "cuda"):
+            raise ValueError(f"data.device must be auto, gpu or cpu, got {device!r}")
+        self.device = str(device).lower()
+        self.seed = int(seed) if seed is not None else 0
+        self.shard_id, self.num_shards, self.device_id = shard_id, num_shards, device_id
+        self.precision = precision
+        self.val_include_empty = bool(val_include_empty)
+        self.train_include_crowd = bool(train_include_crowd)
+        self.check_images = bool(check_images)
+        self.cache_dir = cache_dir
+        self.synthetic = dict(_plain(synthetic)) if synthetic else None
+        self.aug = {
+            "crop_thresholds": [float(t) for t in _plain(crop_thresholds)],
+            "crop_scaling": _pair(crop_scaling, "crop_scaling"),
+            "crop_aspect_ratio": _pair(crop_aspect_ratio, "crop_aspect_ratio"),
+            "crop_attempts": int(crop_attempts),
+            "flip_probability": float(flip_probability),
+            "brightness": _pair(brightness, "brightness"),
+            "contrast": _pair(contrast, "contrast"),
+            "saturation": _pair(saturation, "saturation"),
+            "hue": _pair(hue, "hue"),
+            "mean": [float(m) for m in _plain(mean)],
+            "std": [float(s) for s in _plain(std)],
+            "match_iou": float(match_iou),
+        }
+        self.prefetch_queue_depth = int(prefetch_queue_depth)
+        self.train_image_ids = bool(train_image_ids)
+
+        self._paths: dict[str, tuple[Path, Path]] = {}
+        self._ann: dict[str, CocoAnnotations] = {}
+        self._reader_files: dict[str, Path] = {}
+        self._checked: set[str] = set()
+        self._tmp: str | None = None  # private temp folder for sanitised annotation copies
+        self._runtime: dict[str, Any] | None = None
+        self._loaders: list[_DaliLoader] = []
+
+    def __getstate__(self) -> dict:
+        # Picklable for ddp_spawn: pipelines, temp folders and checks are redone in the receiving process.
+        state = self.__dict__.copy()
+        for key, empty in (("_tmp", None), ("_runtime", None), ("_loaders", []), ("_checked", set())):
+            state[key] = empty
+        state["_reader_files"] = {}
+        return state
+
+    # ------------------------------------------------------------------------------------- data access
+
+    def prepare_data(self) -> None:
+        """Write the synthetic set (when configured). Lightning calls this on one process per node."""
+        self._ensure_synthetic()
+
+    def _ensure_synthetic(self) -> None:
+        if not self.synthetic:
+            return
+        if self.root is None:
+            raise DataError("data.synthetic is set but data.root is not; set data.root=DIR to write it into")
+        try:
+            ensure_synthetic_coco(self.root, **self.synthetic)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+
+    def _split_paths(self, split: str) -> tuple[Path, Path]:
+        if split not in self._paths:
+            self._ensure_synthetic()
+            images, annotations = self._overrides[split]
+            self._paths[split] = resolve_split_paths(self.root, split, images, annotations)
+        return self._paths[split]
+
+    def _annotations(self, split: str) -> CocoAnnotations:
+        """Parse and validate a split's annotation file once (no image checks)."""
+        if split not in self._ann:
+            _images, ann_file = self._split_paths(split)
+            ann = read_annotations(ann_file)
+            if not ann.image_ids:
+                raise DataError(
+                    f"{ann_file} lists no images; the {split} split is empty, point it at a non-empty set"
+                )
+            if not ann.annotated:
+                raise DataError(
+                    f"none of the {len(ann.image_ids)} images in {ann_file} has a usable annotation"
+                    + (f" ({ann.report.summary()})" if ann.report.changed else "")
+                    + f"; the {split} split needs annotated images"
+                )
+            if split == "train" and not self.train_include_crowd and not ann.annotated_non_crowd:
+                raise DataError(
+                    f"{ann_file} has only crowd annotations and data.train_include_crowd is false; "
+                    "set data.train_include_crowd=true"
+                )
+            self._ann[split] = ann
+        return self._ann[split]
+
+    def _prepare_split(self, split: str) -> CocoAnnotations:
+        """Annotations + image checks + the file DALI reads (sanitised copy if needed, with its warning)."""
+        ann = self._annotations(split)
+        if split not in self._checked:
+            images_dir, _ = self._split_paths(split)
+            check_image_files(images_dir, ann, self._reader_ids(split), check_content=self.check_images)
+            self._reader_files[split] = write_reader_annotations(ann, self._cache_dir())
+            if self._global_rank() == 0:
+                warn_sanitised(ann, self._reader_files[split])
+            self._checked.add(split)
+        return ann
+
+    def _reader_ids(self, split: str) -> list[int]:
+        ann = self._annotations(split)
+        if split == "train":
+            return ann.usable_image_ids(include_empty=False, include_crowd=self.train_include_crowd)
+        return ann.usable_image_ids(include_empty=self.val_include_empty)
+
+    def _cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="ssd_lightning_data_")
+            weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+        return Path(self._tmp)
+
+    # ------------------------------------------------------------------------------------- properties
+
+    @property
+    def categories(self) -> CategoryMap:
+        """Category map of the dataset (from the train annotation file, else the val one)."""
+        for split in ("train", "val"):
+            if split in self._ann:
+                return self._ann[split].categories
+        try:
+            self._split_paths("train")
+        except DataError:
+            try:
+                return self._annotations("val").categories
+            except DataError:
+                pass
+            raise
+        return self._annotations("train").categories
+
+    @property
+    def num_classes(self) -> int:
+        """K + 1 (background included), for the model's ``num_classes``."""
+        return self.categories.num_classes
+
+    @property
+    def val_annotations(self) -> Path:
+        """The val annotation file to evaluate against (the user's original file)."""
+        return self._split_paths("val")[1]
+
+    @property
+    def val_image_ids(self) -> list[int]:
+        """Sorted ids of the images the val/test pipeline yields (each exactly once per epoch over all
+        ranks)."""
+        return self._reader_ids("val")
+
+    @property
+    def num_train_images(self) -> int:
+        """Images the training pipeline reads per epoch (all ranks)."""
+        return len(self._reader_ids("train"))
+
+    # ------------------------------------------------------------------------------------- runtime
+
+    def _global_rank(self) -> int:
+        if self.shard_id is not None:
+            return int(self.shard_id)
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def _resolve_runtime(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        rank = self._global_rank()
+        world = (
+            int(self.num_shards) if self.num_shards is not None else (trainer.world_size if trainer else 1)
+        )
+        if not 0 <= rank < world:
+            raise ValueError(f"shard_id {rank} is not in 0..{world - 1}")
+        local_rank = int(trainer.local_rank) if trainer is not None else 0
+        trainer_device = trainer.strategy.root_device if trainer is not None else None
+        if self.device == "auto":
+            use_gpu = (
+                trainer_device.type == "cuda" if trainer_device is not None else torch.cuda.is_available()
+            )
+        elif self.device in ("gpu", "cuda"):
+            if not torch.cuda.is_available():
+                raise DataError("data.device=gpu but no CUDA device is visible; set data.device=auto or cpu")
+            use_gpu = True
+        else:
+            use_gpu = False
+        device_id = None
+        if use_gpu:
+            if self.device_id is not None:
+                device_id = int(self.device_id)
+            elif (
+                trainer_device is not None
+                and trainer_device.type == "cuda"
+                and trainer_device.index is not None
+            ):
+                device_id = trainer_device.index
+            else:
+                device_id = local_rank
+        precision = str(self.precision if self.precision is not None else getattr(trainer, "precision", "32"))
+        if precision.startswith("bf16"):
+            dali_dtype, cast = "float32", torch.bfloat16
+        elif precision.startswith("16") or precision == "half":
+            dali_dtype, cast = "float16", None
+        else:
+            dali_dtype, cast = "float32", None
+        return {
+            "rank": rank,
+            "world": world,
+            "decode": "mixed" if use_gpu else "cpu",
+            "device_id": device_id,
+            "dtype": dali_dtype,
+            "cast": cast,
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate the splits needed by ``stage`` (annotations, image files) and resolve
+        rank/device/precision."""
+        self._runtime = self._resolve_runtime()
+        splits = ["train", "val"] if stage in (None, "fit") else ["val"]
+        with warnings.catch_warnings():
+            if self._runtime["rank"] != 0:
+                warnings.simplefilter("ignore", DataWarning)
+            for split in splits:
+                self._prepare_split(split)
+        if "train" in self._ann and "val" in self._ann:
+            train_cats, val_cats = self._ann["train"].categories, self._ann["val"].categories
+            known = dict(zip(train_cats.dataset_ids, train_cats.names, strict=True))
+            odd = [
+                (cid, name)
+                for cid, name in zip(val_cats.dataset_ids, val_cats.names, strict=True)
+                if known.get(cid) != name
+            ]
+            if odd:
+                raise DataError(
+                    f"category {odd[0][0]} ({odd[0][1]!r}) of {self._ann['val'].path} is not in "
+                    f"{self._ann['train'].path} under that id and name; "
+                    "train and val must share their categories"
+                )
+        if "train" in self._ann:
+            n = len(self._reader_ids("train"))
+            world = self._runtime["world"]
+            if (n // world) // self.batch_size == 0:
+                raise DataError(
+                    f"the train split has {n} annotated images, fewer than data.batch_size={self.batch_size} "
+                    f"per rank x {world} ranks; lower data.batch_size or add images"
+                )
+
+    def _runtime_or_setup(self, stage: str, split: str) -> dict[str, Any]:
+        if self._runtime is None or split not in self._checked:
+            self.setup(stage)
+        return self._runtime
+
+    def train_dataloader(self) -> TrainLoader:
+        rt = self._runtime_or_setup("fit", "train")
+        ann = self._ann["train"]
+        images_dir, _ = self._split_paths("train")
+        ids = self._reader_ids("train")
+        num_batches = (len(ids) // rt["world"]) // self.batch_size
+        reader_file = self._reader_files["train"]
+        anchors = ssd300_default_boxes().ltrb_list()
+        aug = self.aug
+
+        def build():
+            return train_pipeline(
+                images_dir=str(images_dir),
+                annotation_file=str(reader_file),
+                anchors_ltrb=anchors,
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                device_id=rt["device_id"],
+                seed=(self.seed + rt["rank"]) % 2**31,
+                shuffle_seed=self.seed % 2**31,
+                shard_id=rt["rank"],
+                num_shards=rt["world"],
+                decode_device=rt["decode"],
+                dtype=rt["dtype"],
+                include_crowd=self.train_include_crowd,
+                prefetch_queue_depth=self.prefetch_queue_depth,
+                return_image_ids=self.train_image_ids,
+                **aug,
+            )
+
+        files = [images_dir / ann.file_names[i] for i in ids]
+        loader = TrainLoader(
+            build,
+            "train",
+            images_dir,
+            lambda _pos: files,
+            rt["cast"],
+            batch_size=self.batch_size,
+            num_batches=num_batches,
+            with_image_ids=self.train_image_ids,
+        )
+        self._loaders.append(loader)
+        return loader
+
+    def _eval_loader(self, stage: str) -> EvalLoader:
+        rt = self._runtime_or_setup(stage, "val")
+        ann = self._ann["val"]
+        images_dir, _ = self._split_paths("val")
+        ids = self._reader_ids("val")
+        file_names = [ann.file_names[i] for i in ids]
+        reader_file = self._reader_files["val"]
+        mine = shard_range(len(ids), rt["rank"], rt["world"])
+        shard_files = [images_dir / file_names[i] for i in mine]
+        window = (self.prefetch_queue_depth + 2) * self.val_batch_size
+
+        def build():
+            return eval_pipeline(
+                images_dir=str(images_dir),
+                annotation_file=str(reader_file),
+                file_names=file_names,
+                batch_size=self.val_batch_size,
+                num_threads=self.num_threads,
+                device_id=rt["device_id"],
+                seed=(self.seed + rt["rank"]) % 2**31,
+                shard_id=rt["rank"],
+                num_shards=rt["world"],
+                decode_device=rt["decode"],
+                dtype=rt["dtype"],
+                mean=self.aug["mean"],
+                std=self.aug["std"],
+                prefetch_queue_depth=self.prefetch_queue_depth,
+            )
+
+        def candidates(position: int) -> list[Path]:
+            # The failing batch is within the prefetch window after the consumed position; then the rest.
+            start = min(position, len(shard_files))
+            return shard_files[start : start + window] + shard_files[:start] + shard_files[start + window :]
+
+        loader = EvalLoader(
+            build,
+            "val",
+            images_dir,
+            candidates,
+            rt["cast"],
+            batch_size=self.val_batch_size,
+            shard_size=len(mine),
+            image_sizes=ann.sizes,
+        )
+        self._loaders.append(loader)
+        return loader
+
+    def val_dataloader(self) -> EvalLoader:
+        return self._eval_loader("validate")
+
+    def test_dataloader(self) -> EvalLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> EvalLoader:
+        return self._eval_loader("predict")
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Release the DALI pipelines (the loaders rebuild them if iterated again)."""
+        for loader in self._loaders:
+            loader.release()
+        self._loaders.clear()
