@@ -12,11 +12,19 @@
   :class:`torch.utils.flop_counter.FlopCounterMode` and custom formulas for convolution and batch norm
   (its own formulas count a multiply-add as 2 FLOPs: 40.302G for SSD300-ResNet-50, of which
   20.151G multiply-adds in convolutions; + 0.742M bias adds + 61.162M BN ops = 20.213G).
+
+Command line (Hydra-style ``key=value`` overrides of the ``model`` group, or a checkpoint)::
+
+    python -m ssd_lightning.summary                                   # SSD300-ResNet-50, 81 classes
+    python -m ssd_lightning.summary model.backbone=resnet18 model.num_classes=5
+    python -m ssd_lightning.summary ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +95,82 @@ def _si(value: float) -> str:
         if value > scale:
             return f"{value / scale:.3f}{suffix}"
     return f"{value:.3f}B"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# python -m ssd_lightning.summary
+# ----------------------------------------------------------------------------------------------------------
+
+USAGE = """usage: python -m ssd_lightning.summary [model.backbone=NAME] [model.num_classes=N] [ckpt_path=FILE]
+
+Prints the layers, parameters and FLOPs (thop convention, one 300x300 image) of SSD300.
+  model.backbone      resnet18 | resnet34 | resnet50 (default) | resnet101 | resnet152
+  model.num_classes   classes including the background (default 81, COCO; null: 81)
+  ckpt_path           a train.py or NVIDIA checkpoint: its backbone and class count
+Other model.* keys of the model group (optimiser, thresholds, backbone_weights ...) do not change the
+summary and are ignored."""
+
+_DEFAULTS = {"backbone": "resnet50", "num_classes": 81}
+
+
+def _parse_overrides(argv: Sequence[str]) -> dict[str, str]:
+    """``key=value`` arguments (Hydra's ``+``/``++`` prefixes allowed) -> {key: value}; raises ValueError."""
+    values: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if not sep or not key:
+            raise ValueError(f"{arg!r} is not a key=value override (try model.backbone=resnet18)")
+        values[key] = value.strip().strip("'\"")
+    return values
+
+
+def _summary_model(values: dict[str, str]) -> tuple[nn.Module, str]:
+    from ssd_lightning.model import SSD300
+
+    arch = dict(_DEFAULTS)
+    ckpt_path = values.pop("ckpt_path", None)
+    for key, value in values.items():
+        if not key.startswith("model."):
+            raise ValueError(f"unknown key {key!r}: use model.backbone, model.num_classes or ckpt_path")
+        name = key[len("model.") :]
+        if name == "backbone":
+            arch["backbone"] = value
+        elif name == "num_classes":
+            if value.lower() not in ("null", "none", ""):
+                try:
+                    arch["num_classes"] = int(value)
+                except ValueError:
+                    raise ValueError(f"model.num_classes={value}: not an integer") from None
+    if ckpt_path:
+        if any(k in values for k in ("model.backbone", "model.num_classes")):
+            raise ValueError("give either ckpt_path or model.backbone/model.num_classes, not both")
+        from ssd_lightning.checkpoints import load_model
+
+        model = load_model(ckpt_path)
+        return (
+            model,
+            f"SSD300(backbone={model.backbone_name}, num_classes={model.num_classes}) from {ckpt_path}",
+        )
+    model = SSD300(backbone=str(arch["backbone"]), num_classes=int(arch["num_classes"]))
+    return model, f"SSD300(backbone={arch['backbone']}, num_classes={arch['num_classes']})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ssd_lightning.summary [overrides]``: print the summary; 0, or 2 with one error line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        model, title = _summary_model(_parse_overrides(argv))
+    except ValueError as err:  # includes CheckpointError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(title)
+    print(model_summary(model), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

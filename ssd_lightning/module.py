@@ -1,0 +1,488 @@
+"""SSDModule: the LightningModule gluing SSD300, MultiBoxLoss, NVIDIA's optimiser recipe and COCO evaluation.
+
+Training (NVIDIA SSD300 v1.1, reference section 6):
+
+* SGD, momentum 0.9, weight decay 5e-4 on the convolution weights only: BatchNorm weights/biases and every
+  bias get weight decay 0 (NVIDIA's ``tencent_trick``: parameters with one dimension or named ``*.bias``).
+* Learning rate ``lr x global_batch / reference_batch_size`` (2.6e-3 per 32 images), the global batch being
+  ``batch_size x world_size x accumulate_grad_batches``.
+* Linear warmup over ``warmup_steps`` optimizer steps: step ``s`` (0-based) runs at ``(s + 1) / warmup_steps``
+  of the rate, so the first step already learns and the rate reaches the full value at step
+  ``warmup_steps - 1`` (NVIDIA runs step 0 at rate 0 and plateaus at ``(W - 1) / W`` of it; a deliberate,
+  documented deviation).
+* ``x gamma`` (0.1) from each epoch (0-based) listed in ``milestones`` (43 and 54 of 65), as NVIDIA's
+  ``MultiStepLR`` stepped after every epoch.
+
+The schedule is :class:`WarmupMultiStepLR`, stepped every optimizer step by Lightning; its state (step count,
+epoch) is in the checkpoint, so a resumed run continues the schedule where it stopped.
+
+Validation (reference section 8): per batch, the post-processing (score > 0.05, 200 candidates per class, NMS
+0.5, 200 detections) turns the outputs into COCO result rows (original image ids and pixels, dataset category
+ids); at the epoch end the rows of all ranks are gathered, duplicates dropped, and rank 0 scores them with the
+official COCO protocol against the data module's annotation file, restricted to the images the validation
+pipeline covers. Every rank logs the same ``val/AP`` (and the 11 other COCO numbers). Lightning's sanity check
+never produces metrics: its partial pass is discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from ssd_lightning.boxes import DefaultBoxes
+from ssd_lightning.checkpoints import CheckpointError
+from ssd_lightning.evaluation import (
+    METRIC_NAMES,
+    detections_to_coco,
+    evaluate_detections,
+    load_annotations,
+    merge_detections,
+)
+from ssd_lightning.loss import MultiBoxLoss
+from ssd_lightning.model import SSD300
+from ssd_lightning.postprocess import postprocess
+
+__all__ = ["SSDModule", "WarmupMultiStepLR", "scaled_lr", "param_groups"]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser recipe: pure functions and the scheduler
+# ----------------------------------------------------------------------------------------------------
+
+
+def scaled_lr(lr: float, global_batch_size: int, reference_batch_size: int = 32) -> float:
+    """NVIDIA's learning-rate scaling: ``lr`` is given per ``reference_batch_size`` images."""
+    return float(lr) * global_batch_size / reference_batch_size
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two SGD parameter groups: ``decay`` (conv/linear weights, ``weight_decay``) and ``no_decay`` (BatchNorm
+    weights and biases, every bias: weight decay 0), as NVIDIA's ``tencent_trick``. Frozen parameters are left
+    out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+class WarmupMultiStepLR(LRScheduler):
+    """Per-step linear warmup times a per-epoch multi-step decay.
+
+    The rate of every group at optimizer step ``s`` (0-based) during epoch ``e`` (0-based) is::
+
+        base_lr * min(1, (s + 1) / warmup_steps) * gamma ** (number of milestones <= e)
+
+    Step it after every optimizer step (Lightning: ``interval="step"``) and call :meth:`set_epoch` at the
+    start of every epoch. ``state_dict()`` holds plain numbers only (``torch.load(weights_only=True)`` reads
+    it).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 0,
+        milestones: Sequence[int] = (43, 54),
+        gamma: float = 0.1,
+        last_epoch: int = -1,
+    ) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={warmup_steps}: must be >= 0")
+        self.warmup_steps = int(warmup_steps)
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = float(gamma)
+        self.epoch = 0
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int, epoch: int) -> float:
+        """The multiplier of the base rate at optimizer step ``step`` of epoch ``epoch`` (both 0-based)."""
+        warm = 1.0 if self.warmup_steps <= 0 else min(1.0, (step + 1) / self.warmup_steps)
+        decays = sum(1 for m in self.milestones if m <= epoch)
+        return warm * self.gamma**decays
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(max(self.last_epoch, 0), self.epoch)
+        return [base * f for base in self.base_lrs]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Enter epoch ``epoch`` (0-based): apply its decay to the rate of the next step."""
+        self.epoch = int(epoch)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The LightningModule
+# ----------------------------------------------------------------------------------------------------
+
+
+def _plain_list(value: Iterable[Any] | None, kind: type) -> list[Any] | None:
+    return None if value is None else [kind(v) for v in value]
+
+
+class SSDModule(pl.LightningModule):
+    """SSD300 + MultiBoxLoss with NVIDIA's training recipe and COCO evaluation.
+
+    All arguments are plain numbers, strings and lists (they are the checkpoint's ``hyper_parameters``, read
+    back with ``torch.load(weights_only=True)``). The network is ``self.model`` (state-dict keys
+    ``model.<SSD300 key>``).
+
+    Args:
+        backbone: ResNet trunk, ``resnet18`` ... ``resnet152`` (``resnet50``: NVIDIA SSD300 v1.1).
+        num_classes: classes including the background (label 0).
+        backbone_weights: None, ``imagenet_v1``, ``imagenet_v2`` or a torchvision ResNet state_dict path.
+        category_ids: dataset category id of labels 1..num_classes-1 (the data module's category map); used to
+            write COCO results. None: take the data module's.
+        class_names: names of labels 1..num_classes-1 (kept in the checkpoint for inference tools).
+        lr: learning rate per ``reference_batch_size`` images (NVIDIA: 2.6e-3 per 32).
+        reference_batch_size: the batch size ``lr`` refers to.
+        batch_size: per-device batch size for the learning-rate scaling when the data module does not say.
+        momentum, weight_decay, nesterov: SGD settings (weight decay on conv weights only).
+        warmup_steps: linear warmup length in optimizer steps (0: none).
+        milestones: epochs (0-based) from which the rate is multiplied by ``gamma`` once more.
+        gamma: decay factor at each milestone.
+        neg_pos_ratio: hard negatives per positive in the loss.
+        score_threshold, nms_iou_threshold, max_detections, candidates_per_class: validation post-processing
+            (NVIDIA: 0.05, 0.5, 200, 200).
+        channels_last: run the network in channels_last memory format (faster with AMP on tensor cores).
+        eval_backend: ``faster_coco_eval`` or ``pycocotools`` (same numbers to 1e-4).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 81,
+        backbone_weights: str | None = None,
+        category_ids: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+        lr: float = 2.6e-3,
+        reference_batch_size: int = 32,
+        batch_size: int = 32,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        warmup_steps: int = 0,
+        milestones: Sequence[int] = (43, 54),
+        gamma: float = 0.1,
+        neg_pos_ratio: float = 3.0,
+        score_threshold: float = 0.05,
+        nms_iou_threshold: float = 0.5,
+        max_detections: int = 200,
+        candidates_per_class: int = 200,
+        channels_last: bool = False,
+        eval_backend: str = "faster_coco_eval",
+    ) -> None:
+        super().__init__()
+        category_ids = _plain_list(category_ids, int)
+        class_names = _plain_list(class_names, str)
+        if category_ids is not None and len(category_ids) > int(num_classes) - 1:
+            raise ValueError(
+                f"model.num_classes={num_classes} is too small for the {len(category_ids)} categories "
+                f"(need {len(category_ids) + 1} with the background); leave model.num_classes unset"
+            )
+        if reference_batch_size <= 0 or batch_size <= 0:
+            raise ValueError("optim.reference_batch_size and data.batch_size must be positive")
+        for key, value in (("lr", lr), ("gamma", gamma)):
+            if not float(value) > 0:
+                raise ValueError(f"optim.{key}={value}: must be > 0")
+        for key, value in (
+            ("warmup_steps", warmup_steps),
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+        ):
+            if float(value) < 0:
+                raise ValueError(f"optim.{key}={value}: must be >= 0")
+        hparams = {
+            "backbone": str(backbone),
+            "num_classes": int(num_classes),
+            "backbone_weights": None if backbone_weights is None else str(backbone_weights),
+            "category_ids": category_ids,
+            "class_names": class_names,
+            "lr": float(lr),
+            "reference_batch_size": int(reference_batch_size),
+            "batch_size": int(batch_size),
+            "momentum": float(momentum),
+            "weight_decay": float(weight_decay),
+            "nesterov": bool(nesterov),
+            "warmup_steps": int(warmup_steps),
+            "milestones": sorted(int(m) for m in milestones),
+            "gamma": float(gamma),
+            "neg_pos_ratio": float(neg_pos_ratio),
+            "score_threshold": float(score_threshold),
+            "nms_iou_threshold": float(nms_iou_threshold),
+            "max_detections": int(max_detections),
+            "candidates_per_class": int(candidates_per_class),
+            "channels_last": bool(channels_last),
+            "eval_backend": str(eval_backend),
+        }
+        self.save_hyperparameters(hparams)
+
+        self.model = SSD300(
+            backbone=backbone, num_classes=int(num_classes), backbone_weights=backbone_weights
+        )
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss = MultiBoxLoss(self.model.default_boxes, neg_pos_ratio=neg_pos_ratio)
+
+        #: the 12 COCO metrics of the last completed validation (None before the first one).
+        self.val_metrics: dict[str, float] | None = None
+        #: rank 0: the COCO result rows of the last completed validation (all ranks, duplicates dropped).
+        self.val_detections: list[dict[str, Any]] | None = None
+        #: the learning rate at the optimizer's first step (after scaling to the global batch).
+        self.base_lr: float | None = None
+        self._val_rows: list[dict[str, Any]] = []
+        self._val_seen: list[int] = []
+        self._gt_cache: tuple[str, Any] | None = None
+        self._last_batch_end: float | None = None
+
+    # ----------------------------------------------------------------------------------------------------
+    # forward / training
+    # ----------------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # every rank says who it is and what it trains (a DDP rank's line goes to its own log file)
+        hp = self.hparams
+        log.info(
+            "rank %d of %d (%s): %s %d classes, optim.lr=%g warmup_steps=%d weight_decay=%g milestones=%s",
+            self.trainer.global_rank,
+            self.trainer.world_size,
+            getattr(stage, "value", stage),
+            hp.backbone,
+            hp.num_classes,
+            hp.lr,
+            hp.warmup_steps,
+            hp.weight_decay,
+            hp.milestones,
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images [N,3,300,300]`` -> ``(locs [N,4,8732], confs [N,num_classes,8732])``."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """``batch``: ``images [N,3,300,300]``, ``boxes [N,8732,4]`` (xywh, DALI ``box_encoder``),
+        ``labels [N,8732]`` (0 background)."""
+        images = batch["images"]
+        locs, confs = self(images)
+        parts = self.loss.components(locs, confs, batch["boxes"].transpose(1, 2), batch["labels"].long())
+        n = images.shape[0]
+        self.log("train/loss", parts.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss_box", parts.box, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss_cls", parts.cls, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/lr", self._current_lr(), on_step=True, on_epoch=False, batch_size=n)
+        return parts.total
+
+    def on_train_epoch_start(self) -> None:
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            scheduler.set_epoch(self.current_epoch)
+        self._last_batch_end = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Images per second over all ranks, from the wall time between consecutive batches (data loading
+        # included; no device synchronisation). The first batch of an epoch has no predecessor.
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            images = int(batch["images"].shape[0]) * self.trainer.world_size
+            self.log(
+                "train/throughput",
+                images / max(now - self._last_batch_end, 1e-9),
+                on_step=True,
+                on_epoch=True,
+                batch_size=1,
+            )
+        self._last_batch_end = now
+
+    def _current_lr(self) -> float:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if isinstance(optimizer, list):
+            optimizer = optimizer[0] if optimizer else None
+        return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else 0.0
+
+    def _scheduler(self) -> WarmupMultiStepLR | None:
+        if self._trainer is None:
+            return None
+        schedulers = self.lr_schedulers()
+        if isinstance(schedulers, list):
+            schedulers = schedulers[0] if schedulers else None
+        return schedulers if isinstance(schedulers, WarmupMultiStepLR) else None
+
+    def global_batch_size(self) -> int:
+        """``batch_size x world_size x accumulate_grad_batches`` (the data module's batch size if set)."""
+        batch_size = self.hparams.batch_size
+        world_size, accumulate = 1, 1
+        if self._trainer is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            batch_size = int(getattr(datamodule, "batch_size", None) or batch_size)
+            world_size = self.trainer.world_size
+            accumulate = self.trainer.accumulate_grad_batches
+        return int(batch_size) * int(world_size) * int(accumulate)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        global_batch = self.global_batch_size()
+        self.base_lr = scaled_lr(hp.lr, global_batch, hp.reference_batch_size)
+        optimizer = torch.optim.SGD(
+            param_groups(self.model, hp.weight_decay),
+            lr=self.base_lr,
+            momentum=hp.momentum,
+            nesterov=hp.nesterov,
+        )
+        scheduler = WarmupMultiStepLR(optimizer, hp.warmup_steps, hp.milestones, hp.gamma)
+        if self._trainer is None or self.trainer.is_global_zero:
+            log.info(
+                "SGD lr %.6g = optim.lr %.6g x global batch %d / %d; warmup %d steps; x%g at epochs %s",
+                self.base_lr,
+                hp.lr,
+                global_batch,
+                hp.reference_batch_size,
+                hp.warmup_steps,
+                hp.gamma,
+                hp.milestones,
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
+        }
+
+    # ----------------------------------------------------------------------------------------------------
+    # validation / COCO evaluation
+    # ----------------------------------------------------------------------------------------------------
+
+    def _datamodule(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_annotations"):
+            raise RuntimeError(
+                "SSDModule validation needs the data module (val_annotations, val_image_ids, categories): "
+                "pass datamodule= to trainer.fit/validate"
+            )
+        return datamodule
+
+    def category_ids(self) -> list[int]:
+        """Dataset category ids of labels 1..K (the model's own when known, else the data module's)."""
+        if self.hparams.category_ids is not None:
+            return list(self.hparams.category_ids)
+        return [int(i) for i in self._datamodule().categories.dataset_ids]
+
+    def on_validation_start(self) -> None:
+        self._check_categories()
+
+    def _check_categories(self) -> None:
+        """The model's label space must be the data set's, else the AP would be silently wrong."""
+        data_ids = [int(i) for i in self._datamodule().categories.dataset_ids]
+        ours = self.hparams.category_ids
+        if ours is not None and ours != data_ids:
+            raise CheckpointError(
+                f"the model was trained on {len(ours)} categories (ids {ours[:5]}...) but the validation "
+                f"annotations have {len(data_ids)} (ids {data_ids[:5]}...): evaluate on the data set the "
+                "checkpoint was trained on"
+            )
+        if ours is None and self.hparams.num_classes - 1 < len(data_ids):
+            raise CheckpointError(
+                f"the model has {self.hparams.num_classes - 1} classes but the validation annotations have "
+                f"{len(data_ids)} categories: evaluate on the data set the checkpoint was trained on"
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+        self._val_seen = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """``batch``: ``images [N,3,300,300]``, ``image_ids [N]``, ``image_sizes [N,2]`` (height, width)."""
+        hp = self.hparams
+        locs, confs = self(batch["images"])
+        detections = postprocess(
+            locs,
+            confs,
+            self._default_boxes(locs.device),
+            score_threshold=hp.score_threshold,
+            iou_threshold=hp.nms_iou_threshold,
+            max_detections=hp.max_detections,
+            candidates_per_class=hp.candidates_per_class,
+        )
+        ids = self.category_ids()
+        if hp.num_classes - 1 > len(ids):  # a head wider than the data set: drop labels it has no id for
+            detections = [{k: v[d["labels"] <= len(ids)] for k, v in d.items()} for d in detections]
+        self._val_rows.extend(detections_to_coco(batch["image_ids"], batch["image_sizes"], detections, ids))
+        self._val_seen.extend(int(i) for i in batch["image_ids"].reshape(-1).tolist())
+
+    def _default_boxes(self, device: torch.device) -> DefaultBoxes:
+        boxes = self.model.default_boxes
+        if boxes.xywh.device != device:
+            boxes = dataclasses.replace(boxes, xywh=boxes.xywh.to(device), ltrb=boxes.ltrb.to(device))
+            self.model.default_boxes = boxes
+        return boxes
+
+    def on_validation_epoch_end(self) -> None:
+        rows, seen = self._val_rows, self._val_seen
+        self._val_rows, self._val_seen = [], []
+        if self.trainer.sanity_checking:  # a partial pass: never scored, never logged
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (seen, rows))
+        else:
+            gathered = [(seen, rows)]
+
+        metrics: dict[str, float] | None = None
+        if self.trainer.is_global_zero:
+            datamodule = self._datamodule()
+            detections = merge_detections([r for _, r in gathered])
+            expected = [int(i) for i in datamodule.val_image_ids]
+            covered = {i for s, _ in gathered for i in s}
+            if covered != set(expected):
+                log.warning(
+                    "validation covered %d of the %d validation images (limit_val_batches, fast_dev_run or a "
+                    "pipeline problem); the missing images count as undetected",
+                    len(covered & set(expected)),
+                    len(expected),
+                )
+            metrics = evaluate_detections(
+                self._ground_truth(datamodule.val_annotations),
+                detections,
+                image_ids=expected,
+                backend=self.hparams.eval_backend,
+            )
+            self.val_detections = detections
+            log.info(
+                "%s: %s (%d images, %d detections)",
+                f"epoch {self.current_epoch}"
+                if self.trainer.training or self.trainer.state.fn == "fit"
+                else "eval",
+                " ".join(f"{k} {metrics[k]:.4f}" for k in ("AP", "AP50", "AP75")),
+                len(expected),
+                len(detections),
+            )
+        metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        self.val_metrics = dict(metrics)
+        for name in METRIC_NAMES:
+            self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "AP", sync_dist=True)
+
+    def _ground_truth(self, annotations: Any) -> Any:
+        """The COCO ground truth, loaded once per annotation file."""
+        key = str(Path(annotations)) if isinstance(annotations, (str, Path)) else str(id(annotations))
+        if self._gt_cache is None or self._gt_cache[0] != key:
+            self._gt_cache = (key, load_annotations(annotations, self.hparams.eval_backend))
+        return self._gt_cache[1]

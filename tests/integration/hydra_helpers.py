@@ -1,0 +1,42 @@
+"""Compose the real Hydra config (conf/) as the entry points see it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO / "conf"
+
+# a tiny, fast version of the quickstart recipe on the session's synthetic set (tests/conftest.py)
+TINY = [
+    "experiment=quickstart",
+    "data.batch_size=4",
+    "data.num_threads=1",
+    "trainer.max_epochs=2",
+    "optim.warmup_steps=2",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides``, as ``@hydra.main`` would give it to the task function.
+
+    ``output_dir`` plays the Hydra run directory (``paths.output_dir``); the Hydra config is registered so
+    that ``${hydra:...}`` interpolations and ``HydraConfig.get()`` work as in a real run.
+    """
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        if output_dir is not None:
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.job.name = config_name
+        if cfg.hydra.mode is None:
+            cfg.hydra.mode = "RUN"
+    HydraConfig.instance().set_config(cfg)
+    return cfg

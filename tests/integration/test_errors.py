@@ -1,0 +1,166 @@
+"""User errors end with one line ``error: ...`` on stderr and exit code 1; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssd_lightning import cli
+from ssd_lightning.model import SSD300
+
+from .hydra_helpers import REPO, TINY, compose_config
+
+
+def _entry_point(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _assert_one_error_line(stderr: str, *fragments: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert lines[-1] == errors[0], stderr
+    assert "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def test_train_py_with_a_missing_data_root(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    proc = _entry_point(
+        "train.py", "experiment=quickstart", f"data.root={missing}", f"hydra.run.dir={tmp_path}/run"
+    )
+    assert proc.returncode == 1, proc.stderr
+    _assert_one_error_line(proc.stderr, "data.root", str(missing))
+
+
+def test_evaluate_py_with_a_missing_checkpoint(synthetic_coco, tmp_path):
+    missing = tmp_path / "missing.ckpt"
+    proc = _entry_point(
+        "evaluate.py",
+        "experiment=quickstart",
+        f"data.root={synthetic_coco}",
+        f"ckpt_path={missing}",
+        f"hydra.run.dir={tmp_path}/run",
+    )
+    assert proc.returncode == 1, proc.stderr
+    _assert_one_error_line(proc.stderr, str(missing), "not found")
+
+
+def _fails_with(task, cfg, capsys, *fragments: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(task, cfg)
+    assert exit_info.value.code == 1
+    return _assert_one_error_line(capsys.readouterr().err, *fragments)
+
+
+def _train_cfg(root, tmp_path, *extra: str):
+    return compose_config("train", [*TINY, f"data.root={root}", *extra], tmp_path / "run")
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(synthetic_coco, tmp_path, capsys):
+    bogus = tmp_path / "notes.ckpt"
+    bogus.write_text("not a checkpoint")
+    cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={bogus}")
+    _fails_with(cli.train, cfg, capsys, str(bogus), "not an SSD300 checkpoint")
+
+
+def test_resume_from_a_checkpoint_of_another_model(synthetic_coco, tmp_path, capsys):
+    ckpt = tmp_path / "other.ckpt"
+    state = {f"model.{k}": v for k, v in SSD300("resnet18", num_classes=4).state_dict().items()}
+    hparams = {"backbone": "resnet18", "num_classes": 4, "category_ids": [3, 7, 11], "class_names": None}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "optimizer_states": [], "loops": {}}, ckpt)
+    cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={ckpt}", "model.backbone=resnet34")
+    _fails_with(cli.train, cfg, capsys, "backbone=resnet18", "backbone=resnet34")
+
+
+def test_a_bad_config_value(synthetic_coco, tmp_path, capsys):
+    _fails_with(
+        cli.train, _train_cfg(synthetic_coco, tmp_path, "model.backbone=resnet99"), capsys, "resnet99"
+    )
+    _fails_with(
+        cli.train, _train_cfg(synthetic_coco, tmp_path, "model.num_classes=2"), capsys, "model.num_classes"
+    )
+    _fails_with(
+        cli.train, _train_cfg(synthetic_coco, tmp_path, "optim.warmup_steps=-5"), capsys, "warmup_steps"
+    )
+
+
+def test_a_broken_annotation_file(synthetic_coco, tmp_path, capsys):
+    root = tmp_path / "broken"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").symlink_to(synthetic_coco / "images")
+    (root / "annotations" / "instances_val2017.json").write_text(
+        (synthetic_coco / "annotations" / "instances_val2017.json").read_text()
+    )
+    (root / "annotations" / "instances_train2017.json").write_text('{"images": [')
+    _fails_with(cli.train, _train_cfg(root, tmp_path), capsys, "instances_train2017.json", "not valid JSON")
+
+
+def test_evaluate_needs_a_checkpoint_or_detections(synthetic_coco, tmp_path, capsys):
+    cfg = compose_config("evaluate", [f"data.root={synthetic_coco}"], tmp_path)
+    _fails_with(cli.evaluate, cfg, capsys, "ckpt_path=", "detections=")
+    missing = tmp_path / "dets.json"
+    cfg = compose_config("evaluate", [f"data.root={synthetic_coco}", f"detections={missing}"], tmp_path)
+    _fails_with(cli.evaluate, cfg, capsys, str(missing))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 1}]))
+    cfg = compose_config("evaluate", [f"data.root={synthetic_coco}", f"detections={bad}"], tmp_path)
+    _fails_with(cli.evaluate, cfg, capsys, "bbox")
+
+
+def test_bugs_are_not_swallowed(synthetic_coco, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "build_module", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(cli.train, _train_cfg(synthetic_coco, tmp_path))
+
+
+def test_evaluate_an_nvidia_format_checkpoint(synthetic_coco, tmp_path):
+    """NVIDIA DeepLearningExamples files ({"model": state_dict}, keys prefixed module.) evaluate as is."""
+    torch.manual_seed(0)
+    model = SSD300("resnet18", num_classes=4)
+    nvidia = tmp_path / "nvidia.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 65}, nvidia)
+    overrides = [
+        "experiment=quickstart",
+        f"data.root={synthetic_coco}",
+        "data.batch_size=4",
+        f"ckpt_path={nvidia}",
+    ]
+    metrics = cli.evaluate(compose_config("evaluate", overrides, tmp_path))
+    assert set(metrics) >= {"AP", "AP50", "ARl"}
+    assert (tmp_path / "detections.json").is_file() and (tmp_path / "metrics.json").is_file()
+
+
+def test_evaluate_a_checkpoint_of_another_data_set(synthetic_coco, tmp_path, capsys):
+    ckpt = tmp_path / "other_data.ckpt"
+    state = {f"model.{k}": v for k, v in SSD300("resnet18", num_classes=4).state_dict().items()}
+    hparams = {
+        "backbone": "resnet18",
+        "num_classes": 4,
+        "category_ids": [1, 2, 3],
+        "class_names": ["a", "b", "c"],
+    }
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    overrides = ["experiment=quickstart", f"data.root={synthetic_coco}", f"ckpt_path={ckpt}"]
+    cfg = compose_config("evaluate", overrides, tmp_path)
+    _fails_with(
+        cli.evaluate, cfg, capsys, "trained on 3 categories", "the data set the checkpoint was trained on"
+    )

@@ -1,0 +1,58 @@
+"""DDP evaluation on 2 CPU processes: each image is gathered once and scores as in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd_lightning.model import SSD300
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _evaluate(tmp_path: Path, run: str, *overrides: str) -> Path:
+    out = tmp_path / run
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *overrides, f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_two_process_evaluation_equals_one(synthetic_coco, tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": SSD300("resnet18", num_classes=4).state_dict()}, ckpt)
+    common = [
+        "experiment=quickstart",
+        f"data.root={synthetic_coco}",
+        "data.batch_size=3",  # 10 images: uneven shards (5 + 5) and a partial last batch per rank
+        "trainer.precision=32-true",
+        f"ckpt_path={ckpt}",
+    ]
+    one = _evaluate(tmp_path, "one", *common)
+    two = _evaluate(tmp_path, "two", *common, "trainer.devices=2")
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2 == pytest.approx(m1, abs=1e-9)
+    d1 = json.loads((one / "detections.json").read_text())
+    d2 = json.loads((two / "detections.json").read_text())
+    assert len(d2) == len(d1) > 0
+
+    def key(d):
+        return d["image_id"], d["category_id"], round(d["score"], 4)
+
+    assert sorted(map(key, d2)) == sorted(map(key, d1))
+    assert (two / "evaluate_rank1.log").is_file()  # rank 1 ran in the same run directory

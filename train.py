@@ -1,0 +1,30 @@
+"""Train SSD300 (NVIDIA SSD300 v1.1 recipe by default): ``python train.py [overrides]``.
+
+Examples::
+
+    python train.py data.root=/coco                               # the 65-epoch NVIDIA recipe, 1 device
+    python train.py experiment=nvidia_v1_1 data.root=/coco trainer.devices=8   # AMP, 8 GPUs (DDP)
+    python train.py experiment=quickstart                         # synthetic set on CPU, < 10 minutes
+    python train.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt   # resume
+    python train.py -m optim.lr=2e-3,3e-3                         # a sweep, one job directory per value
+    python train.py hparams_search=optuna experiment=quickstart   # Optuna search over lr/warmup/weight decay
+
+Configuration: ``conf/train.yaml``; ``python train.py --help`` lists the groups and the composed config.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ssd_lightning import cli
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    # a sweep optimises the value returned here (optimized_metric, val/AP by default)
+    return cli.main(cli.train_task, cfg)
+
+
+if __name__ == "__main__":
+    main()
