@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ssd_lightning import cli
+from ssd_lightning.reliability import run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -27,4 +28,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra's config errors (unknown key, unknown option) as one line: ssd_lightning.reliability
+    run_entry_point(main)

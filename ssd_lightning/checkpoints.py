@@ -6,12 +6,15 @@
   possibly prefixed ``module.`` (saved from DistributedDataParallel).
 * a bare SSD300 ``state_dict`` (``torch.save(model.state_dict(), path)``).
 
-Files are always read with ``torch.load(weights_only=True)``. The backbone and class count are read from the
+:func:`load_weights_into` copies such a checkpoint into an existing model (``model.init_from``: fine-tuning,
+with fresh classification heads when the class count differs). Files are always read with
+``torch.load(weights_only=True)``. The backbone and class count are read from the
 hyper-parameters when present, otherwise inferred from the state dict.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ import torch
 
 from ssd_lightning.boxes import ssd300_default_boxes
 from ssd_lightning.model import SSD300
+
+log = logging.getLogger(__name__)
 
 TRUNK = "feature_extractor.feature_extractor."
 LAYER3 = TRUNK + "6."  # conv4_x
@@ -68,6 +73,56 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     _check_keys(path, model, ckpt)
     model.load_state_dict(ckpt.state_dict, strict=False)  # only num_batches_tracked may be missing (checked)
     return model.to(map_location).eval()
+
+
+def load_weights_into(model: SSD300, path: str | os.PathLike, *, strict_classes: bool = False) -> list[str]:
+    """Copy the weights of checkpoint ``path`` (train.py, NVIDIA or bare state dict) into ``model``.
+
+    For ``model.init_from=...`` (fine-tuning, e.g. from NVIDIA's published COCO checkpoints). The trunk must
+    match; the trunk, the extra blocks and the box heads (``loc.*``) are copied; when the class count differs
+    the classification heads (``conf.*``) keep their fresh initialisation (or, with ``strict_classes``, a
+    CheckpointError is raised).
+
+    Returns:
+        the keys of ``model`` left as they were (``conf.*`` when the class counts differ, else empty).
+    Raises:
+        CheckpointError: not an SSD300 checkpoint, another backbone, or keys/shapes that do not match.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt.backbone != model.backbone_name:
+        raise CheckpointError(
+            f"{path} holds an SSD300 with a {ckpt.backbone} trunk but the model has a {model.backbone_name} "
+            f"trunk: set model.backbone={ckpt.backbone}"
+        )
+    state = dict(ckpt.state_dict)
+    kept: list[str] = []
+    if ckpt.num_classes != model.num_classes:
+        if strict_classes:
+            raise CheckpointError(
+                f"{path} holds an SSD300 with {ckpt.num_classes} classes but the model has "
+                f"{model.num_classes}"
+            )
+        kept = [k for k in model.state_dict() if k.startswith("conf.")]
+        state = {k: v for k, v in state.items() if not k.startswith("conf.")}
+        log.info(
+            "%s: %d classes in the checkpoint, %d in the model: classification heads start fresh",
+            path,
+            ckpt.num_classes,
+            model.num_classes,
+        )
+    expected = model.state_dict()
+    missing = [
+        k for k in expected if k not in state and k not in kept and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    bad = missing + unexpected + shapes
+    if bad:  # checked before anything is copied: the model is left as it was
+        raise CheckpointError(
+            f"{path} does not match the model: keys {', '.join(bad[:3])}{' ...' * (len(bad) > 3)}"
+        )
+    model.load_state_dict(state, strict=False)
+    return kept
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:

@@ -79,7 +79,10 @@ OmegaConf.register_new_resolver("ssd.cpu_precision", cpu_precision, replace=True
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from ssd_lightning.reliability import NonFiniteLossError
+
     types: list[type[BaseException]] = [ConfigError, CheckpointError, OmegaConfBaseException]
+    types.append(NonFiniteLossError)  # training diverged: the checkpoints hold the last good model
     try:
         from ssd_lightning.data import DataError
 
@@ -105,7 +108,9 @@ def user_error(err: BaseException) -> BaseException | None:
         cause = err.__cause__ or err.__context__
         while isinstance(cause, InstantiationException) and (cause.__cause__ or cause.__context__):
             cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, ours + (ValueError, TypeError, OSError)):
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+        if isinstance(cause, ours + (ValueError, TypeError, OSError, MisconfigurationException)):
             return cause
         if cause is None:
             return err
@@ -336,7 +341,30 @@ def instantiate_callbacks(cfg: DictConfig, have_logger: bool) -> list[pl.Callbac
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, _convert_="all", callbacks=callbacks, logger=loggers or False)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, _convert_="all", callbacks=callbacks, logger=loggers or False
+    )
+    check_torchrun_world_size(trainer)
+    return trainer
+
+
+def check_torchrun_world_size(trainer: pl.Trainer) -> None:
+    """Under torchrun, ``trainer.devices x trainer.num_nodes`` must be the number of processes it started.
+
+    Lightning reads torchrun's environment (``TorchElasticEnvironment``) only for a distributed strategy: with
+    ``devices=1 num_nodes=1`` every process would silently train a model of its own.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_torchelastic_launched()):
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if trainer.world_size == world:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    raise ConfigError(
+        f"torchrun started {world} processes ({local} per node) but trainer.devices={trainer.num_devices} x "
+        f"trainer.num_nodes={trainer.num_nodes} is {trainer.world_size}: set trainer.devices={local} "
+        f"trainer.num_nodes={max(world // max(local, 1), 1)}"
+    )
 
 
 def check_resume_checkpoint(path: str | os.PathLike, module: Any) -> None:
@@ -400,6 +428,26 @@ def print_table(metrics: Mapping[str, float], header: str | None = None) -> None
     print(format_table(metrics), flush=True)
 
 
+class ModelSummaryPrinter(pl.Callback):
+    """Print the network's ``Model FLOPs: ... Params: ...`` / ``Model summary: N layers, ...`` lines
+    (:func:`ssd_lightning.summary.model_summary`) once, on global rank 0, when training or evaluation starts.
+
+    In ``setup``: the process group exists by then (the rank is right under torchrun, SLURM and Lightning's
+    own launcher alike) and the network is not yet wrapped or moved.
+    """
+
+    def __init__(self) -> None:
+        self.printed = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.printed or not trainer.is_global_zero:
+            return
+        from ssd_lightning.summary import model_summary
+
+        print(model_summary(getattr(pl_module, "model", pl_module)), flush=True)
+        self.printed = True
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------------
@@ -417,20 +465,35 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         the final logged metrics (``trainer.callback_metrics`` as floats: train/loss, val/AP, ...) and the
         objects built (cfg, datamodule, model, callbacks, loggers, trainer).
     """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from ssd_lightning.reliability import (
+        check_config,
+        exit_preempted,
+        keep_previous_metrics,
+        resolve_ckpt_path,
+    )
+
     install_ddp_sweep_support()
     _quiet_known_warnings()
+    check_config(cfg)
     with _JobScope():
         seed = pl.seed_everything(cfg.get("seed"), workers=True)
         prepare_synthetic(cfg)
         datamodule = build_datamodule(cfg, seed)
         model = build_module(cfg, datamodule)
+        if _global_rank_from_env() == 0:
+            keep_previous_metrics(cfg)  # a run directory used again (requeue): the CSV logger would erase it
         loggers = instantiate_loggers(cfg)
-        callbacks = instantiate_callbacks(cfg, have_logger=bool(loggers))
+        callbacks = instantiate_callbacks(cfg, have_logger=bool(loggers)) + [ModelSummaryPrinter()]
         trainer = build_trainer(cfg, callbacks, loggers)
-        ckpt_path = cfg.get("ckpt_path")
+        ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=last: the newest last.ckpt (or none)
         if ckpt_path:
             check_resume_checkpoint(ckpt_path, model)
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path or None)
+        try:
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path or None)
+        except SIGTERMException:  # preempted: the checkpoint is written (PreemptionCheckpoint), exit 143
+            exit_preempted(trainer)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero and getattr(model, "val_metrics", None):
             print_table(model.val_metrics, f"COCO evaluation after {trainer.current_epoch} epochs:")
@@ -465,7 +528,7 @@ def _load_for_evaluation(cfg: DictConfig, ckpt_path: str) -> pl.LightningModule:
 
     loaded = read_checkpoint(ckpt_path)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("backbone", "backbone_weights", "num_classes", "category_ids", "class_names"):
+    for key in ("backbone", "backbone_weights", "num_classes", "category_ids", "class_names", "init_from"):
         model_cfg.pop(key, None)
     module = hydra.utils.instantiate(
         model_cfg,
@@ -473,6 +536,7 @@ def _load_for_evaluation(cfg: DictConfig, ckpt_path: str) -> pl.LightningModule:
         backbone=loaded.backbone,
         num_classes=loaded.num_classes,
         backbone_weights=None,
+        init_from=None,  # the checkpoint's own weights are loaded below
         category_ids=loaded.category_ids,
         class_names=loaded.class_names,
     )
@@ -484,6 +548,36 @@ def _load_for_evaluation(cfg: DictConfig, ckpt_path: str) -> pl.LightningModule:
             f"{ckpt_path} does not match SSD300(backbone={loaded.backbone}): keys {keys} ..."
         )
     return module
+
+
+def check_evaluation_classes(ckpt_path: str, module: Any, datamodule: Any) -> None:
+    """The checkpoint's classes must be the validation set's categories (else the AP is silently ~0).
+
+    A checkpoint with category ids of its own (train.py) has ``len(category_ids)`` classes, one without
+    (NVIDIA, a bare state dict) ``num_classes - 1``, its labels 1..K standing for the data set's categories in
+    the annotation file's order. The exception, an NVIDIA COCO checkpoint (81 classes, no ids) on a set with
+    the 80 COCO 2017 categories: its labels are the COCO ids in sorted order (NVIDIA's label order), whatever
+    order the file lists them in, and the module is given those ids.
+
+    Raises:
+        CheckpointError: one line naming the checkpoint, the annotation file and the fix.
+    """
+    from ssd_lightning.inference import COCO2017_CATEGORY_IDS
+
+    hp = module.hparams
+    ann_file = datamodule.val_annotations
+    data_ids = [int(i) for i in datamodule._annotations("val").categories.dataset_ids]  # parsed once, cached
+    if hp.category_ids is None and sorted(data_ids) == list(COCO2017_CATEGORY_IDS):
+        if hp.num_classes == len(COCO2017_CATEGORY_IDS) + 1:
+            hp.category_ids = list(COCO2017_CATEGORY_IDS)
+            return
+    classes = len(hp.category_ids) if hp.category_ids is not None else hp.num_classes - 1
+    if classes != len(data_ids):
+        raise CheckpointError(
+            f"{ckpt_path} has {classes} classes (num_classes={hp.num_classes}) but the dataset {ann_file} "
+            f"has {len(data_ids)} categories; evaluate on the dataset it was trained on or fine-tune with "
+            f"model.init_from={ckpt_path}"
+        )
 
 
 def score_detections_file(cfg: DictConfig, seed: int) -> dict[str, float]:
@@ -524,10 +618,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Prints the 12-line table and writes ``metrics.json`` (and, for a checkpoint, ``detections.json``) to the
     run directory (``paths.output_dir``) on rank 0. Returns the 12 metrics.
     """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from ssd_lightning.evaluation import write_json_atomic
+    from ssd_lightning.reliability import check_config, exit_preempted
 
     install_ddp_sweep_support()
     _quiet_known_warnings()
+    check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("detections"):
         metrics = score_detections_file(cfg, pl.seed_everything(cfg.get("seed"), workers=True))
@@ -545,10 +643,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         module = _load_for_evaluation(cfg, str(ckpt_path))
         prepare_synthetic(cfg)
         datamodule = build_datamodule(cfg, seed)
+        check_evaluation_classes(str(ckpt_path), module, datamodule)
         loggers = instantiate_loggers(cfg)
-        callbacks = instantiate_callbacks(cfg, have_logger=bool(loggers))
+        callbacks = instantiate_callbacks(cfg, have_logger=bool(loggers)) + [ModelSummaryPrinter()]
         trainer = build_trainer(cfg, callbacks, loggers)
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        try:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        except SIGTERMException:  # preempted: exit 143 (not 0: nothing was written)
+            exit_preempted(trainer)
         metrics = dict(module.val_metrics or {})
         if trainer.is_global_zero:
             write_json_atomic(output_dir / DETECTIONS_FILE, module.val_detections or [])

@@ -51,7 +51,6 @@ __all__ = [
     "export",
     "export_model",
     "list_inputs",
-    "load_weights_into",
     "predict",
     "preprocess",
     "read_image",
@@ -133,55 +132,6 @@ def checkpoint_categories(ckpt: LoadedCheckpoint) -> Categories:
                 f"{len(values)} {what} for labels 1..{count}: the checkpoint is inconsistent"
             )
     return Categories(ids=ids, names=names)
-
-
-def load_weights_into(model: SSD300, path: str | os.PathLike, *, strict_classes: bool = False) -> list[str]:
-    """Copy the weights of checkpoint ``path`` (train.py, NVIDIA or bare state dict) into ``model``.
-
-    For ``model.init_from=...`` (fine-tuning). The trunk must match; when the class count differs the
-    classification heads (``conf.*``) keep their fresh initialisation (or, with ``strict_classes``, a
-    CheckpointError is raised).
-
-    Returns:
-        the keys of ``model`` left as they were (``conf.*`` when the class counts differ, else empty).
-    Raises:
-        CheckpointError: not an SSD300 checkpoint, another backbone, or keys/shapes that do not match.
-    """
-    ckpt = read_checkpoint(path)
-    if ckpt.backbone != model.backbone_name:
-        raise CheckpointError(
-            f"{path} holds an SSD300 with a {ckpt.backbone} trunk but the model has a {model.backbone_name} "
-            f"trunk: set model.backbone={ckpt.backbone}"
-        )
-    state = dict(ckpt.state_dict)
-    kept: list[str] = []
-    if ckpt.num_classes != model.num_classes:
-        if strict_classes:
-            raise CheckpointError(
-                f"{path} holds an SSD300 with {ckpt.num_classes} classes but the model has "
-                f"{model.num_classes}"
-            )
-        kept = [k for k in model.state_dict() if k.startswith("conf.")]
-        state = {k: v for k, v in state.items() if not k.startswith("conf.")}
-        log.info(
-            "%s: %d classes in the checkpoint, %d in the model: classification heads start fresh",
-            path,
-            ckpt.num_classes,
-            model.num_classes,
-        )
-    expected = model.state_dict()
-    missing = [
-        k for k in expected if k not in state and k not in kept and not k.endswith("num_batches_tracked")
-    ]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    bad = missing + unexpected + shapes
-    if bad:  # checked before anything is copied: the model is left as it was
-        raise CheckpointError(
-            f"{path} does not match the model: keys {', '.join(bad[:3])}{' ...' * (len(bad) > 3)}"
-        )
-    model.load_state_dict(state, strict=False)
-    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -166,6 +166,11 @@ class SSDModule(pl.LightningModule):
             (NVIDIA: 0.05, 0.5, 200, 200).
         channels_last: run the network in channels_last memory format (faster with AMP on tensor cores).
         eval_backend: ``faster_coco_eval`` or ``pycocotools`` (same numbers to 1e-4).
+        init_from: a checkpoint (train.py ``.ckpt``, NVIDIA DeepLearningExamples ``.pt`` or a bare SSD300
+            state dict) whose weights start the training (fine-tuning): the trunk, the extra blocks and the
+            box heads are copied; the classification heads too when the class count is the same, else they
+            keep their fresh initialisation. The trunk must be ``backbone``'s; ``backbone_weights`` is not
+            loaded.
     """
 
     def __init__(
@@ -191,6 +196,7 @@ class SSDModule(pl.LightningModule):
         candidates_per_class: int = 200,
         channels_last: bool = False,
         eval_backend: str = "faster_coco_eval",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         category_ids = _plain_list(category_ids, int)
@@ -234,12 +240,17 @@ class SSDModule(pl.LightningModule):
             "candidates_per_class": int(candidates_per_class),
             "channels_last": bool(channels_last),
             "eval_backend": str(eval_backend),
+            "init_from": None if init_from is None else str(init_from),
         }
         self.save_hyperparameters(hparams)
 
         self.model = SSD300(
-            backbone=backbone, num_classes=int(num_classes), backbone_weights=backbone_weights
+            backbone=backbone,
+            num_classes=int(num_classes),
+            backbone_weights=None if init_from is not None else backbone_weights,
         )
+        if init_from is not None:
+            self._init_from(str(init_from))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = MultiBoxLoss(self.model.default_boxes, neg_pos_ratio=neg_pos_ratio)
@@ -254,6 +265,20 @@ class SSDModule(pl.LightningModule):
         self._val_seen: list[int] = []
         self._gt_cache: tuple[str, Any] | None = None
         self._last_batch_end: float | None = None
+
+    def _init_from(self, path: str) -> None:
+        """Copy the weights of checkpoint ``path`` into the network (``model.init_from``)."""
+        from ssd_lightning.checkpoints import load_weights_into
+
+        try:
+            fresh = load_weights_into(self.model, path)
+        except CheckpointError as err:
+            raise CheckpointError(f"model.init_from={path}: {err}") from None
+        log.info(
+            "model.init_from=%s: weights loaded%s",
+            path,
+            f" except the {len(fresh)} classification-head tensors (another class count)" if fresh else "",
+        )
 
     # ----------------------------------------------------------------------------------------------------
     # forward / training
@@ -393,7 +418,8 @@ class SSDModule(pl.LightningModule):
         """The model's label space must be the data set's, else the AP would be silently wrong."""
         data_ids = [int(i) for i in self._datamodule().categories.dataset_ids]
         ours = self.hparams.category_ids
-        if ours is not None and ours != data_ids:
+        # labels are written with the model's own ids: the file may list the same categories in another order
+        if ours is not None and sorted(ours) != sorted(data_ids):
             raise CheckpointError(
                 f"the model was trained on {len(ours)} categories (ids {ours[:5]}...) but the validation "
                 f"annotations have {len(data_ids)} (ids {data_ids[:5]}...): evaluate on the data set the "

@@ -8,7 +8,9 @@ rank's CUDA device (or None on CPU). The iterables returned by the ``*_dataloade
   ``boxes`` [N, 8732, 4] float32 xywh relative (``box_encoder`` output), ``labels`` [N, 8732] int64
   (contiguous 1..K, 0 background). Every batch is full (N = ``batch_size``) and every rank yields the same
   number of batches per epoch, ``len(loader)`` = floor(floor(images / ranks) / batch_size); the set is
-  re-shuffled globally every epoch and the ranks read disjoint shards of it.
+  re-shuffled globally every epoch and the ranks read disjoint shards of it. Epoch ``e``'s order and
+  augmentation depend only on ``seed`` and ``e`` (one pipeline per epoch): a resumed run repeats the
+  uninterrupted run's data exactly.
 * val / test / predict: ``images`` [N, 3, 300, 300], ``image_ids`` [N] int64, ``image_sizes`` [N, 2] int64
   (height, width of the original image, from the annotation file). Over all ranks every image of
   ``val_image_ids`` is yielded exactly once per epoch (padding samples are never yielded; ranks may differ by
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -176,48 +179,79 @@ class _DaliLoader:
 
 
 class TrainLoader(_DaliLoader):
-    """Training iterable: ``len(self)`` full batches per ``iter()`` from an endless stream of DALI epochs.
+    """Training iterable: one epoch of ``len(self)`` full batches per ``iter()``.
 
-    Each DALI epoch is this rank's shard of one global permutation; only its first ``len(self)`` full batches
-    are used (the same count on every rank), the rest of the shard is discarded. A partially consumed
-    ``iter()`` (``limit_train_batches``, ``max_steps``) is continued by the next one.
+    Each ``iter()`` is one epoch ``e``: ``trainer.current_epoch`` when a trainer runs it (``epoch_source``),
+    else the number of earlier ``iter()`` calls. The DALI pipeline is rebuilt for every epoch by
+    ``build_epoch(e)`` (this rank's shard of the epoch's global permutation, augmentation seeded by epoch
+    and rank), so an epoch's data is a function of the seed and ``e`` alone: a run resumed at epoch ``e``
+    sees what the uninterrupted run saw. A partially consumed ``iter()`` (``limit_train_batches``,
+    ``max_steps``) is dropped; the next ``iter()`` starts the next epoch.
+
+    Lightning saves :meth:`state_dict` in checkpoints: after a mid-epoch resume (a preemption checkpoint) the
+    next ``iter()`` replays the epoch's first ``batches`` batches through the pipeline, drops them and yields
+    the rest, so the epoch continues with exactly the batches the uninterrupted run had.
     """
 
     output_map = ("images", "boxes", "labels")
 
     def __init__(
-        self, *args, batch_size: int, num_batches: int, with_image_ids: bool = False, **kwargs
+        self,
+        build_epoch: Callable[[int], Any],
+        *args,
+        batch_size: int,
+        num_batches: int,
+        with_image_ids: bool = False,
+        epoch_source: Callable[[], int | None] | None = None,
+        progress_source: Callable[[], int | None] | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(lambda: build_epoch(self.epoch), *args, **kwargs)
         self.batch_size = batch_size
         self.num_batches = num_batches
         if with_image_ids:
             self.output_map = (*self.output_map, "image_ids")
-        self._kept = 0  # full batches used from the current DALI epoch
+        self._epoch_source = epoch_source
+        self._progress_source = progress_source
+        self.epoch = -1  # the epoch in flight (-1: none yet)
+        self._yielded = 0  # batches yielded in this epoch
+        self._resume: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for _ in range(self.num_batches):
-            yield self._next_batch()
+        # a generator: nothing runs before the first batch is asked for (Lightning calls iter() to check)
+        epoch = self._epoch_source() if self._epoch_source is not None else None
+        self.epoch = int(epoch) if epoch is not None else self.epoch + 1
+        self._yielded = 0
+        self._build()
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == self.epoch:
+            skip = min(int(self._resume["batches"]), self.num_batches)
+        self._resume = None
+        if skip:
+            log.info("train epoch %d resumes at batch %d: replaying the batches before it", self.epoch, skip)
+        for _ in range(skip):
+            self._next_batch()
+        self._yielded = skip
+        for _ in range(self.num_batches - skip):
+            batch = self._next_batch()
+            self._yielded += 1
+            yield batch
+        self.release()  # the next epoch builds its own pipeline
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        if self._it is None:
-            self._build()
-            self._kept = 0
         while True:
-            if self._kept >= self.num_batches:
-                self._drain()
             try:
                 raw = self._next_raw()
             except StopIteration:
-                self._reset_epoch()
-                self._kept = 0
-                continue
+                raise RuntimeError(
+                    f"the DALI train pipeline of epoch {self.epoch} ended after {self._position} images, "
+                    f"before {self.num_batches} batches of {self.batch_size}"
+                ) from None
             if raw["images"].shape[0] < self.batch_size:
-                continue  # the shard's last, partial batch
-            self._kept += 1
+                continue  # the shard's last, partial batch (never reached: the shard has enough images)
             batch = {
                 "images": self._images(raw["images"]),
                 "boxes": raw["boxes"],
@@ -227,14 +261,15 @@ class TrainLoader(_DaliLoader):
                 batch["image_ids"] = raw["image_ids"].reshape(-1).long()
             return batch
 
-    def _drain(self) -> None:
-        while True:
-            try:
-                self._next_raw()
-            except StopIteration:
-                break
-        self._reset_epoch()
-        self._kept = 0
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: the epoch in flight and how many of its batches were trained on (the
+        trainer's count when it runs this loader: Lightning fetches one batch ahead)."""
+        done = self._progress_source() if self._progress_source is not None else None
+        return {"epoch": int(self.epoch), "batches": int(done if done is not None else self._yielded)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume epoch ``state["epoch"]`` after its first ``state["batches"]`` batches (next ``iter()``)."""
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
 class EvalLoader(_DaliLoader):
@@ -337,6 +372,18 @@ def shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:
     return range((num_samples * shard_id) // num_shards, (num_samples * (shard_id + 1)) // num_shards)
 
 
+def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The global training order of epoch ``epoch`` (a permutation of ``range(num_samples)``, the same on
+    every rank and in every run with this ``seed``)."""
+    return np.random.default_rng([int(seed) % 2**63, int(epoch)]).permutation(num_samples)
+
+
+def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
+    """The DALI seed of rank ``rank``'s training pipeline in epoch ``epoch`` (independent draws per rank)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(epoch), int(rank)]).generate_state(1)
+    return int(state[0]) % 2**31
+
+
 class COCODataModule(pl.LightningDataModule):
     """COCO-format detection data through NVIDIA DALI (see the module docstring for the batch formats).
 
@@ -349,8 +396,8 @@ class COCODataModule(pl.LightningDataModule):
         num_threads: DALI CPU threads per pipeline.
         device: ``auto`` (decode and augment on the GPU when the trainer runs on CUDA, or, without a trainer,
             when CUDA is available), ``gpu`` or ``cpu``.
-        seed: augmentation seed of rank r is ``seed + r``; the global shuffle uses ``seed`` on every rank
-            (None: 0).
+        seed: epoch e's global shuffle is drawn from ``(seed, e)`` (the same on every rank), rank r's
+            augmentation seed from ``(seed, e, r)`` (None: 0); see :func:`epoch_permutation`.
         shard_id, num_shards, device_id: explicit sharding / CUDA device (default: from the trainer, else
         0/1).
         precision: output precision (``"16-mixed"``, ``"bf16-mixed"``, ``"32"``...); default: the trainer's.
@@ -675,7 +722,12 @@ class COCODataModule(pl.LightningDataModule):
         anchors = ssd300_default_boxes().ltrb_list()
         aug = self.aug
 
-        def build():
+        mine = shard_range(len(ids), rt["rank"], rt["world"])
+
+        def build(epoch: int):
+            # this rank's contiguous shard of the epoch's global permutation (disjoint shards, equal on every
+            # rank), read in that order; augmentation seeded by (seed, epoch, rank)
+            order = epoch_permutation(self.seed, epoch, len(ids))[mine.start : mine.stop]
             return train_pipeline(
                 images_dir=str(images_dir),
                 annotation_file=str(reader_file),
@@ -683,10 +735,11 @@ class COCODataModule(pl.LightningDataModule):
                 batch_size=self.batch_size,
                 num_threads=self.num_threads,
                 device_id=rt["device_id"],
-                seed=(self.seed + rt["rank"]) % 2**31,
+                seed=augmentation_seed(self.seed, epoch, rt["rank"]),
                 shuffle_seed=self.seed % 2**31,
-                shard_id=rt["rank"],
-                num_shards=rt["world"],
+                file_names=[ann.file_names[ids[i]] for i in order],
+                shard_id=0,
+                num_shards=1,
                 decode_device=rt["decode"],
                 dtype=rt["dtype"],
                 include_crowd=self.train_include_crowd,
@@ -695,7 +748,7 @@ class COCODataModule(pl.LightningDataModule):
                 **aug,
             )
 
-        files = [images_dir / ann.file_names[i] for i in ids]
+        files = [images_dir / ann.file_names[ids[i]] for i in mine]
         loader = TrainLoader(
             build,
             "train",
@@ -705,9 +758,25 @@ class COCODataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             num_batches=num_batches,
             with_image_ids=self.train_image_ids,
+            epoch_source=self._trainer_epoch,
+            progress_source=self._trainer_epoch_batches,
         )
         self._loaders.append(loader)
         return loader
+
+    def _trainer_epoch(self) -> int | None:
+        """The trainer's current epoch (None without a trainer, e.g. a loader iterated by hand)."""
+        epoch = getattr(getattr(self, "trainer", None), "current_epoch", None)
+        return int(epoch) if isinstance(epoch, int) else None
+
+    def _trainer_epoch_batches(self) -> int | None:
+        """Training batches the trainer has run in the current epoch (None without a trainer). ``processed``:
+        also right for a checkpoint written inside ``on_train_batch_end``, before the batch counts as
+        completed (Lightning resumes after that batch either way)."""
+        try:
+            return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        except (AttributeError, TypeError, ValueError):
+            return None
 
     def _eval_loader(self, stage: str) -> EvalLoader:
         rt = self._runtime_or_setup(stage, "val")

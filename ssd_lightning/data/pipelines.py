@@ -91,6 +91,7 @@ def train_pipeline(
     match_iou: float = 0.5,
     prefetch_queue_depth: int = 2,
     return_image_ids: bool = False,
+    file_names: Sequence[str] | None = None,
 ) -> Pipeline:
     """NVIDIA SSD300 v1.1 training pipeline (DALI-ex ``coco_pipeline.py`` graph, ``fn`` API).
 
@@ -110,6 +111,11 @@ def train_pipeline(
     global permutation (shards differ in size by at most one image); iterate with
     ``DALIGenericIterator(reader_name=READER_NAME, last_batch_policy=PARTIAL)``. ``DROP`` would let the
     shards drift into each other's images over epochs when they differ in size.
+
+    ``file_names`` (file names as in the annotation file): read exactly these images, in this order, instead
+    of the whole file re-shuffled after every epoch (``shuffle_seed`` is then unused). The data module builds
+    one such pipeline per epoch, with the epoch's order and seed, so that an epoch's data does not depend on
+    the epochs before it (exact resume).
     """
     gpu = decode_device == "mixed"
 
@@ -121,6 +127,10 @@ def train_pipeline(
         prefetch_queue_depth=prefetch_queue_depth,
     )
     def graph():
+        if file_names is None:
+            order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed}
+        else:
+            order = {"images": list(file_names), "random_shuffle": False}
         outputs = fn.readers.coco(
             file_root=images_dir,
             annotations_file=annotation_file,
@@ -128,8 +138,7 @@ def train_pipeline(
             ltrb=True,
             skip_empty=True,
             include_iscrowd=include_crowd,
-            shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=shuffle_seed,
+            **order,
             pad_last_batch=True,
             shard_id=shard_id,
             num_shards=num_shards,

@@ -106,7 +106,8 @@ def test_callback_options(option, tmp_path):
     if option == "default":
         names = sorted(type(c).__name__ for c in callbacks)
         expected = ["ModelCheckpoint", "ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar"]
-        assert names == sorted([*expected, "ValidationSchedule"])
+        reliability = ["PreemptionCheckpoint", "NonFiniteGuard", "RNGState"]
+        assert names == sorted([*expected, "ValidationSchedule", *reliability])
         assert [c for c in callbacks if type(c).__name__ == "LearningRateMonitor"]
         without_logger = cli.instantiate_callbacks(cfg, have_logger=False)
         assert "LearningRateMonitor" not in {type(c).__name__ for c in without_logger}

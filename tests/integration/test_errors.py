@@ -164,3 +164,125 @@ def test_evaluate_a_checkpoint_of_another_data_set(synthetic_coco, tmp_path, cap
     _fails_with(
         cli.evaluate, cfg, capsys, "trained on 3 categories", "the data set the checkpoint was trained on"
     )
+
+
+def test_evaluate_py_with_a_checkpoint_of_another_class_count(synthetic_coco, tmp_path):
+    """An 81-class NVIDIA checkpoint on a 3-category set would score AP ~0 silently: one line instead."""
+    model = SSD300("resnet18", num_classes=81)
+    nvidia = tmp_path / "nvidia.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, nvidia)
+    run_dir = tmp_path / "run"
+    proc = _entry_point(
+        "evaluate.py",
+        "experiment=quickstart",
+        f"data.root={synthetic_coco}",
+        f"ckpt_path={nvidia}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert proc.returncode == 1, proc.stderr
+    ann = synthetic_coco / "annotations" / "instances_val2017.json"
+    _assert_one_error_line(
+        proc.stderr,
+        f"error: {nvidia} has 80 classes (num_classes=81) but the dataset {ann} has 3 categories; "
+        f"evaluate on the dataset it was trained on or fine-tune with model.init_from={nvidia}",
+    )
+    assert not (run_dir / "detections.json").exists() and not (run_dir / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config mistakes (README "Reliability"): one line naming the key and the fix
+
+
+def test_train_py_with_an_unknown_key(tmp_path):
+    proc = _entry_point("train.py", "data.batchsize=8", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 1, proc.stderr
+    _assert_one_error_line(
+        proc.stderr, "data.batchsize is not a config key", "did you mean data.batch_size", "+data.batchsize=8"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("data.batchsize=8", ["data.batchsize is not a config key", "data.batch_size", "+data.batchsize=8"]),
+        ("experiment=quick", ["no config option 'experiment/quick'", "nvidia_v1_1, quickstart"]),
+        ("optim.lr=[1", ["cannot parse the override 'optim.lr=[1'", "override_grammar"]),
+    ],
+)
+def test_hydra_composition_errors_become_one_line(override, fragments):
+    from ssd_lightning.reliability import hydra_error_line
+
+    with pytest.raises(Exception) as err:
+        compose_config("train", [override])
+    line = hydra_error_line(err.value)
+    assert "\n" not in line
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        (
+            "data.batch_size=abc",
+            ["data.batch_size='abc' is not an integer", "set data.batch_size to an integer"],
+        ),
+        ("optim.lr=fast", ["optim.lr='fast' is not a number", "default optim.lr=0.0026"]),
+        ("trainer.max_epochs=1.5", ["trainer.max_epochs=1.5 is not an integer"]),
+        ("trainer.precision=fp16", ["trainer.precision='fp16' is not a valid value", "bf16-mixed"]),
+        ("seed=abc", ["seed='abc' is not an integer"]),
+        ("callbacks.non_finite.max_bad_steps=many", ["callbacks.non_finite.max_bad_steps='many'"]),
+        ("+data.batchsize=3", ["data.batchsize is not an argument of COCODataModule", "data.batch_size"]),
+        ("+trainer.max_epoch=3", ["trainer.max_epoch is not an argument of Trainer", "trainer.max_epochs"]),
+    ],
+)
+def test_a_value_of_the_wrong_type(synthetic_coco, tmp_path, capsys, override, fragments):
+    _fails_with(cli.train, _train_cfg(synthetic_coco, tmp_path, override), capsys, *fragments)
+
+
+def test_more_devices_than_the_machine_has(synthetic_coco, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu = ["trainer.accelerator=gpu", "trainer.precision=16-mixed"]
+    _fails_with(
+        cli.train, _train_cfg(synthetic_coco, tmp_path, *gpu), capsys, "no CUDA device", "trainer=cpu"
+    )
+    auto = _train_cfg(synthetic_coco, tmp_path, "trainer.accelerator=auto", "trainer.devices=4")
+    _fails_with(cli.train, auto, capsys, "trainer.devices=4", "trainer.accelerator=cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = _train_cfg(synthetic_coco, tmp_path, *gpu, "trainer.devices=8")
+    _fails_with(
+        cli.train, cfg, capsys, "trainer.devices=8 but this machine has 2 CUDA device(s)", "devices=2"
+    )
+    cfg = _train_cfg(synthetic_coco, tmp_path, *gpu, "trainer.devices=[0,3]")
+    _fails_with(cli.train, cfg, capsys, "trainer.devices=[0, 3]", "2 CUDA device(s)")
+
+
+def test_a_batch_size_the_data_cannot_fill(synthetic_coco, tmp_path, capsys):
+    _fails_with(
+        cli.train, _train_cfg(synthetic_coco, tmp_path, "data.batch_size=0"), capsys, "data.batch_size"
+    )
+    cfg = _train_cfg(synthetic_coco, tmp_path, "data.batch_size=32")  # 15 annotated train images
+    _fails_with(cli.train, cfg, capsys, "15 annotated images", "data.batch_size=32", "lower data.batch_size")
+
+
+def test_resume_from_a_missing_checkpoint(synthetic_coco, tmp_path, capsys):
+    missing = tmp_path / "nope" / "last.ckpt"
+    cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={missing}")
+    _fails_with(cli.train, cfg, capsys, f"ckpt_path {missing} not found", "checkpoints/last.ckpt")
+    (tmp_path / "old_run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old_run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={tmp_path / 'old_run'}")
+    _fails_with(cli.train, cfg, capsys, "is a folder", f"ckpt_path={tmp_path}/old_run/checkpoints/last.ckpt")
+
+
+def test_resume_from_a_checkpoint_of_another_class_count(synthetic_coco, tmp_path, capsys):
+    ckpt = tmp_path / "six_classes.ckpt"
+    state = {f"model.{k}": v for k, v in SSD300("resnet18", num_classes=6).state_dict().items()}
+    hparams = {"backbone": "resnet18", "num_classes": 6, "category_ids": [1, 2, 3, 4, 5], "class_names": None}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "optimizer_states": [], "loops": {}}, ckpt)
+    cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={ckpt}")
+    _fails_with(
+        cli.train, cfg, capsys, "num_classes=6", "num_classes=4", "resume with the checkpoint's config"
+    )

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ssd_lightning import inference
-from ssd_lightning.checkpoints import CheckpointError, LoadedCheckpoint
+from ssd_lightning.checkpoints import CheckpointError, LoadedCheckpoint, load_weights_into
 from ssd_lightning.cli import ConfigError
 from ssd_lightning.model import SSD300
 
@@ -278,6 +278,49 @@ def test_nvidia_checkpoint_through_evaluate(synthetic_coco, tmp_path):
     assert rows and {r["category_id"] for r in rows} <= {3, 7, 11}
 
 
+def _coco_categories_root(synthetic_coco: Path, root: Path) -> Path:
+    """The synthetic set (categories 3, 7, 11) re-labelled as a COCO 2017 set: the 80 COCO categories,
+    listed in reverse order (NVIDIA's labels follow the sorted ids, not a file's listing order)."""
+    root.mkdir()
+    (root / "images").symlink_to(synthetic_coco / "images")
+    (root / "annotations").mkdir()
+    coco = list(zip(inference.COCO2017_CATEGORY_IDS, inference.COCO2017_CLASS_NAMES, strict=True))
+    order = range(len(coco) - 1, -1, -1)
+    for split in ("train", "val"):
+        name = f"instances_{split}2017.json"
+        data = json.loads((synthetic_coco / "annotations" / name).read_text())
+        data["categories"] = [{"id": coco[i][0], "name": coco[i][1], "supercategory": "x"} for i in order]
+        (root / "annotations" / name).write_text(json.dumps(data))
+    return root
+
+
+def test_nvidia_coco_checkpoint_on_a_coco_val_set(synthetic_coco, tmp_path):
+    """An 81-class NVIDIA checkpoint (no category ids) on a COCO-format set with the 80 COCO categories:
+    label l is COCO id COCO2017_CATEGORY_IDS[l - 1] (the sorted ids, NVIDIA's label order)."""
+    from ssd_lightning import cli
+
+    root = _coco_categories_root(synthetic_coco, tmp_path / "coco")
+    model = _model(num_classes=81, seed=7)
+    label = 80  # toothbrush, COCO id 90; the only class scoring above the threshold
+    with torch.no_grad():
+        for conv in model.conf:
+            conv.weight.zero_()
+            per_class = conv.bias.view(81, -1)  # output channels: class-major, boxes per cell minor
+            per_class.fill_(-10.0)
+            per_class[label].fill_(10.0)
+    ckpt = _save_nvidia(model, tmp_path / "nvidia.pt", label_map=None)
+    overrides = [
+        "experiment=quickstart",
+        f"data.root={root}",
+        "data.batch_size=4",
+        f"ckpt_path={ckpt}",
+        "trainer.precision=32-true",
+    ]
+    cli.evaluate(compose_config("evaluate", overrides, tmp_path / "run"))
+    rows = json.loads((tmp_path / "run" / "detections.json").read_text())
+    assert rows and {r["category_id"] for r in rows} == {inference.COCO2017_CATEGORY_IDS[label - 1]} == {90}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # preprocessing = the DALI validation pipeline's
 # ---------------------------------------------------------------------------------------------------------
@@ -410,21 +453,76 @@ def test_load_weights_into_from_nvidia_checkpoint(tmp_path):
     source = _model(num_classes=81, seed=3)
     ckpt = _save_nvidia(source, tmp_path / "nvidia.pt", {0: "background", 1: "person"})
     same = SSD300("resnet18", num_classes=81)
-    assert inference.load_weights_into(same, ckpt) == []
+    assert load_weights_into(same, ckpt) == []
     for key, value in source.state_dict().items():
         assert torch.equal(same.state_dict()[key], value), key
 
     other = SSD300("resnet18", num_classes=3)
     fresh_conf = {k: v.clone() for k, v in other.state_dict().items() if k.startswith("conf.")}
-    kept = inference.load_weights_into(other, ckpt)
+    kept = load_weights_into(other, ckpt)
     assert set(kept) == set(fresh_conf)
     for key, value in other.state_dict().items():
         want = fresh_conf[key] if key in fresh_conf else source.state_dict()[key]
         assert torch.equal(value, want), key
     with pytest.raises(CheckpointError, match="81 classes but the model has 3"):
-        inference.load_weights_into(other, ckpt, strict_classes=True)
+        load_weights_into(other, ckpt, strict_classes=True)
     with pytest.raises(CheckpointError, match="resnet18 trunk .* set model.backbone=resnet18"):
-        inference.load_weights_into(SSD300("resnet34", num_classes=81), ckpt)
+        load_weights_into(SSD300("resnet34", num_classes=81), ckpt)
+
+
+def _conf_keys(state: dict) -> set[str]:
+    return {k for k in state if k.startswith("conf.")}
+
+
+@pytest.mark.parametrize("num_classes", [3, 81])
+def test_ssd_module_init_from_an_nvidia_checkpoint(num_classes, tmp_path):
+    """model.init_from: trunk, extra blocks and box heads copied exactly; conf heads too for the same class
+    count, else they keep the fresh initialisation. ImageNet backbone weights are not loaded then."""
+    from ssd_lightning.module import SSDModule
+
+    source = _model(num_classes=81, seed=3).state_dict()
+    ckpt = _save_nvidia(_model(num_classes=81, seed=3), tmp_path / "nvidia.pt", label_map=None)
+    torch.manual_seed(5)
+    fresh = SSDModule("resnet18", num_classes=num_classes, backbone_weights=None).model.state_dict()
+    torch.manual_seed(5)
+    module = SSDModule("resnet18", num_classes=num_classes, backbone_weights="imagenet_v1", init_from=ckpt)
+    assert module.hparams.init_from == str(ckpt) and type(module.hparams.init_from) is str
+    state = module.model.state_dict()
+    copied = [k for k in state if k not in _conf_keys(state)]
+    assert any(k.startswith("feature_extractor.") for k in copied)
+    assert any(k.startswith("additional_blocks.") for k in copied)
+    assert any(k.startswith("loc.") for k in copied) and _conf_keys(state)
+    for key in copied:
+        assert torch.equal(state[key], source[key]), key
+    for key in _conf_keys(state):
+        want = source[key] if num_classes == 81 else fresh[key]
+        assert torch.equal(state[key], want), key
+        if num_classes != 81:
+            assert state[key].shape[0] != source[key].shape[0]
+
+
+def test_init_from_through_the_train_config(synthetic_coco, tmp_path):
+    """``model.init_from=FILE`` of conf/model/ssd300.yaml reaches SSDModule; a bad file is one clear error."""
+    from ssd_lightning import cli
+
+    source = _model(num_classes=81, seed=6)
+    ckpt = _save_nvidia(source, tmp_path / "nvidia.pt", label_map=None)
+    overrides = ["experiment=quickstart", f"data.root={synthetic_coco}", f"model.init_from={ckpt}"]
+    cfg = compose_config("train", overrides, tmp_path / "run")
+    assert cfg.model.init_from == str(ckpt)
+    module = cli.build_module(cfg, cli.build_datamodule(cfg, 0))
+    assert module.hparams.num_classes == 4 and module.hparams.init_from == str(ckpt)
+    want = source.state_dict()
+    for key, value in module.model.state_dict().items():
+        if not key.startswith("conf."):
+            assert torch.equal(value, want[key]), key
+    missing = tmp_path / "missing.pt"
+    cfg = compose_config("train", [*overrides[:2], f"model.init_from={missing}"], tmp_path / "run")
+    with pytest.raises(Exception) as info:
+        cli.build_module(cfg, cli.build_datamodule(cfg, 0))
+    cause = cli.user_error(info.value)
+    assert isinstance(cause, CheckpointError)
+    assert f"model.init_from={missing}" in str(cause) and "not found" in str(cause)
 
 
 def test_summary_command(tmp_path, capsys):

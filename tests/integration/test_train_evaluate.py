@@ -60,6 +60,10 @@ def test_training_ends_with_the_coco_table(trained):
     assert set(model.val_metrics) == set(METRIC_NAMES)
     table = format_table(model.val_metrics)
     assert table in trained["stdout"]
+    # the network summary is printed at the start of training (before the table)
+    params = sum(p.numel() for p in model.model.parameters())
+    summary = f"Model summary: 102 layers, {params} parameters, {params} gradients"
+    assert trained["stdout"].index(summary) < trained["stdout"].index(table)
     assert len(table.splitlines()) == 12
     for name in METRIC_NAMES:  # every rank logs the same 12 numbers; val/AP is what checkpoints monitor
         assert trained["metrics"][f"val/{name}"] == pytest.approx(model.val_metrics[name], abs=1e-6)
@@ -95,6 +99,7 @@ def test_checkpoints_load_with_weights_only(trained):
 
 
 def test_evaluate_reproduces_the_training_ap(trained, evaluated):
+    assert "Model summary: 102 layers, " in evaluated["stdout"] and "Model FLOPs: " in evaluated["stdout"]
     final = trained["objects"]["model"].val_metrics
     for name in METRIC_NAMES:
         assert evaluated["metrics"][name] == pytest.approx(final[name], abs=1e-9), name

@@ -1,0 +1,142 @@
+"""Memory over a long run: resident memory (RSS), threads, open files (and CUDA memory on a GPU) at the end of
+every epoch of the quickstart recipe, to show that nothing grows epoch after epoch (DALI pipelines are rebuilt
+every epoch, validation gathers detections, checkpoints are written every epoch).
+
+The run is ``train.py experiment=quickstart`` (ResNet-18 SSD300 from scratch, batch 16, DALI CPU pipeline,
+bf16 where the CPU has it) on a smaller synthetic set so that 30 epochs fit in minutes on 2 cores, validating
+every 5 epochs (COCO evaluation included) and writing last.ckpt every epoch, in this process (cli.train).
+
+Usage::
+
+    python benchmarks/memory_soak.py [--epochs 30] [--train-images 128] [--val-images 32] [--out DIR]
+        [--threads N] [overrides ...]
+
+Writes ``<out>/memory.csv`` (epoch, seconds, rss_mb, threads, open_files, cuda_allocated_mb, cuda_reserved_mb)
+and prints a Markdown summary; results are recorded in benchmarks/results/memory_soak.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _status(field: str) -> int:
+    """A number of /proc/self/status (``VmRSS`` in kB, ``Threads``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+class MemoryLog(pl.Callback):
+    """Appends one row per training epoch end (after that epoch's validation) to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.start = time.monotonic()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerow(
+                [
+                    "epoch",
+                    "seconds",
+                    "rss_mb",
+                    "threads",
+                    "open_files",
+                    "cuda_allocated_mb",
+                    "cuda_reserved_mb",
+                ]
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        row = [
+            trainer.current_epoch,
+            round(time.monotonic() - self.start, 1),
+            round(_status("VmRSS") / 1024, 1),
+            _status("Threads"),
+            len(os.listdir("/proc/self/fd")),
+            round(torch.cuda.memory_allocated() / 2**20, 1) if cuda else "",
+            round(torch.cuda.memory_reserved() / 2**20, 1) if cuda else "",
+        ]
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+        print(
+            "memory", dict(zip(["epoch", "s", "rss_mb", "threads", "fds"], row[:5], strict=True)), flush=True
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--train-images", type=int, default=128)
+    parser.add_argument("--val-images", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "memory_soak")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides of conf/train.yaml")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ssd_lightning import cli
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out.resolve()
+    csv_path = out / "memory.csv"
+    overrides = [
+        "experiment=quickstart",
+        f"synthetic.root={out / 'data'}",
+        f"synthetic.num_train={args.train_images}",
+        f"synthetic.num_val={args.val_images}",
+        f"trainer.max_epochs={args.epochs}",
+        "trainer.check_val_every_n_epoch=5",
+        f"optim.milestones=[{max(args.epochs - 2, 1)}]",
+        "callbacks.progress_bar.refresh_rate=0",
+        "+callbacks.memory_log._target_=__main__.MemoryLog",
+        f"+callbacks.memory_log.path={csv_path}",
+        *args.overrides,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out / "run")
+        cfg.paths.output_dir = str(out / "run")
+        cfg.hydra.job.name = "train"
+        cfg.hydra.mode = "RUN"
+    HydraConfig.instance().set_config(cfg)
+
+    started = time.monotonic()
+    cli.train(cfg)
+    wall = time.monotonic() - started
+
+    rows = list(csv.DictReader(open(csv_path)))
+    rss = [float(r["rss_mb"]) for r in rows]
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print(f"{len(rows)} epochs in {wall / 60:.1f} min; precision {cfg.trainer.precision}; "
+          f"{torch.get_num_threads()} torch threads; csv: {csv_path}\n")  # fmt: skip
+    print("| epoch | RSS (MB) | threads | open files |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['epoch']} | {r['rss_mb']} | {r['threads']} | {r['open_files']} |")
+    if len(rss) > 5:
+        growth = rss[-1] - rss[4]
+        print(f"\nRSS epoch 5 -> {len(rss)}: {rss[4]:.0f} -> {rss[-1]:.0f} MB ({growth:+.0f} MB, "
+              f"{growth / (len(rss) - 5):+.1f} MB/epoch); max {max(rss):.0f} MB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

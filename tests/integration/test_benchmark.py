@@ -1,0 +1,259 @@
+"""benchmark.py: every mode runs a few iterations on the CPU through the real config (conf/benchmark.yaml,
+which inherits conf/train.yaml) and writes a valid benchmark.json; user errors are one line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssd_lightning.benchmarking import percentile, run_benchmark, summarize
+from ssd_lightning.cli import ConfigError
+
+from .hydra_helpers import REPO, compose_config
+
+QUICK = ["benchmark.warmup=1", "benchmark.repeats=2", "benchmark.steps_per_repeat=1", "benchmark.threads=1"]
+TINY_DATA = ["experiment=quickstart", "data.num_threads=1", "trainer.precision=32-true"]
+
+
+def _run(overrides: list[str], run_dir: Path) -> tuple[dict, str]:
+    cfg = compose_config("benchmark", overrides, run_dir)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = run_benchmark(cfg)
+    written = json.loads((run_dir / "benchmark.json").read_text())
+    assert written == json.loads(json.dumps(result))  # what was returned is what was written
+    return written, out.getvalue()
+
+
+def _check_common(result: dict, mode: str, runs: int) -> None:
+    assert result["mode"] == mode
+    machine = result["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch"] and machine["device"] == "cpu"
+    assert len(result["load_average"]["before"]) == 3
+    assert len(result["runs"]) == runs
+    for run in result["runs"]:
+        ips = run["images_per_s"]
+        assert ips["n"] >= 1 and ips["median"] > 0 and ips["min"] <= ips["median"] <= ips["max"]
+        assert run["memory"]["peak_rss_bytes"] > 0
+
+
+def test_train_mode_times_the_lightning_step_on_dali(synthetic_coco, tmp_path):
+    result, stdout = _run(
+        [
+            *TINY_DATA,
+            f"data.root={synthetic_coco}",
+            "mode=train",
+            "benchmark.batch_sizes=[2,4]",
+            "benchmark.warmup=2",
+            "benchmark.repeats=2",
+            "benchmark.steps_per_repeat=1",
+            "fastpath.optimizer=foreach",
+            "fastpath.channels_last=true",
+        ],
+        tmp_path,
+    )
+    _check_common(result, "train", runs=2)
+    assert [r["batch_size"] for r in result["runs"]] == [2, 4]
+    for run in result["runs"]:
+        assert run["world_size"] == 1 and run["precision"] == "32-true" and run["data_device"] == "cpu"
+        assert run["steps"] == {"warmup": 2, "timed": 2}
+        assert run["step_ms"]["median"] > 0
+        # one warm-up step was counted; the dict names where each host read came from
+        assert isinstance(run["host_syncs_per_step"], dict)
+        assert all(
+            k.startswith(("item", "host_device_copy", "nonzero", "boolean_mask"))
+            for k in run["host_syncs_per_step"]
+        )
+    assert result["settings"]["fastpath"]["channels_last"] is True
+    assert "| train x1 (cpu data) | 2 |" in stdout and "| train x1 (cpu data) | 4 |" in stdout
+
+
+def test_inference_mode_end_to_end_with_nms(tmp_path):
+    result, stdout = _run(
+        [
+            "mode=inference",
+            "model.backbone=resnet18",
+            "trainer.accelerator=cpu",
+            "benchmark.batch_sizes=[2]",
+            *QUICK,
+        ],
+        tmp_path,
+    )
+    _check_common(result, "inference", runs=1)
+    run = result["runs"][0]
+    assert run["input"] == "synthetic" and run["weights"] == "random" and run["num_classes"] == 81
+    assert run["postprocess"] == "batched (auto)"
+    assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
+    assert 0 <= run["detections_per_image"] <= 200
+    assert run["breakdown_ms"]["network_p50"] > 0 and run["breakdown_ms"]["postprocess_p50"] > 0
+    assert "| inference synthetic (batched (auto)) | 2 | cpu | 32-true |" in stdout
+
+
+def test_inference_mode_on_the_dali_val_pipeline_with_the_reference_nms(synthetic_coco, tmp_path):
+    result, _ = _run(
+        [
+            *TINY_DATA,
+            f"data.root={synthetic_coco}",
+            "mode=inference",
+            "benchmark.input=dali",
+            "benchmark.batch_sizes=[4]",
+            "benchmark.breakdown=false",
+            "fastpath.nms=reference",
+            *QUICK,
+        ],
+        tmp_path,
+    )
+    run = result["runs"][0]
+    assert run["input"] == "dali" and run["postprocess"] == "reference" and "breakdown_ms" not in run
+    assert run["backbone"] == "resnet18"
+
+
+def test_data_mode_times_train_and_val_loaders(synthetic_coco, tmp_path):
+    result, _ = _run(
+        [
+            *TINY_DATA,
+            f"data.root={synthetic_coco}",
+            "mode=data",
+            "benchmark.splits=[train,val]",
+            "benchmark.batch_sizes=[4]",
+            *QUICK,
+        ],
+        tmp_path,
+    )
+    _check_common(result, "data", runs=2)
+    assert [r["split"] for r in result["runs"]] == ["train", "val"]
+    for run in result["runs"]:
+        assert run["data_device"] == "cpu" and run["num_threads"] == 1
+        assert run["images_per_s_per_thread"] == pytest.approx(run["images_per_s"]["median"])
+
+
+def test_eval_mode_compares_backends(tmp_path):
+    result, _ = _run(
+        [
+            "mode=eval",
+            "benchmark.eval.images=40",
+            "benchmark.eval.detections_per_image=20",
+            "benchmark.eval.backends=[faster_coco_eval,pycocotools]",
+            "benchmark.warmup=0",
+            "benchmark.repeats=1",
+        ],
+        tmp_path,
+    )
+    _check_common(result, "eval", runs=2)
+    fast, plain = result["runs"]
+    assert fast["backend"] == "faster_coco_eval" and plain["backend"] == "pycocotools"
+    assert fast["detections"] == 40 * 20
+    assert fast["max_metric_difference_between_backends"] <= 1e-4
+    assert fast["metrics"]["AP"] > 0 and plain["speedup_vs_pycocotools"] == pytest.approx(1.0)
+
+
+def test_statistics_helpers():
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
+    assert math.isnan(percentile([], 50))
+    s = summarize([3.0, 1.0, 2.0])
+    assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["n"] == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("mode=fly", "mode=fly"),
+        ("fastpath.optimizer=turbo", "fastpath.optimizer=turbo"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, override, fragment):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmark.py"),
+            override,
+            "mode=eval" if "mode" not in override else override,
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "benchmark.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [("benchmark.repeats=0", "benchmark.repeats=0"), ("fastpath.nms=magic", "fastpath.nms=magic")],
+)
+def test_bad_settings_raise_config_errors(tmp_path, override, fragment):
+    cfg = compose_config("benchmark", ["mode=eval", override], tmp_path)
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        run_benchmark(cfg)
+    assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_benchmark_py_entry_point_writes_json(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmark.py"),
+            "mode=eval",
+            "benchmark.eval.images=20",
+            "benchmark.eval.detections_per_image=10",
+            "benchmark.warmup=0",
+            "benchmark.repeats=2",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["mode"] == "eval" and result["runs"][0]["steps"]["timed"] == 2
+    assert "mode=eval" in result["overrides"]
+    assert "| eval faster_coco_eval | 20 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_mode_with_two_ddp_processes(synthetic_coco, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmark.py"),
+            "mode=train",
+            *TINY_DATA,
+            f"data.root={synthetic_coco}",
+            "trainer.devices=2",
+            "data.batch_size=2",
+            "benchmark.warmup=1",
+            "benchmark.repeats=2",
+            "benchmark.steps_per_repeat=1",
+            "benchmark.count_syncs=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "benchmark.json").read_text())
+    (run,) = result["runs"]
+    assert run["world_size"] == 2 and run["global_batch_size"] == 4
+    assert len(run["memory_per_rank"]) == 2 and run["images_per_s"]["median"] > 0
