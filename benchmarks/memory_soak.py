@@ -11,16 +11,20 @@ Usage::
     python benchmarks/memory_soak.py [--epochs 30] [--train-images 128] [--val-images 32] [--out DIR]
         [--threads N] [overrides ...]
 
-Writes ``<out>/memory.csv`` (epoch, seconds, rss_mb, threads, open_files, cuda_allocated_mb, cuda_reserved_mb)
-and prints a Markdown summary; results are recorded in benchmarks/results/memory_soak.md.
+Writes ``<out>/memory.csv`` (see :class:`MemoryLog`: RSS before and after handing the C heap's free memory
+back to the OS, Python objects, threads, open files, CUDA memory) and prints a Markdown summary; results are
+recorded in benchmarks/results/memory_soak.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import gc
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,32 +44,55 @@ def _status(field: str) -> int:
     return -1
 
 
-class MemoryLog(pl.Callback):
-    """Appends one row per training epoch end (after that epoch's validation) to ``path``."""
+def _malloc_trim() -> bool:
+    """Give the C heap's free memory back to the OS (glibc); False where unavailable."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
-    def __init__(self, path: str) -> None:
+
+COLUMNS = [
+    "epoch",
+    "seconds",
+    "rss_mb",
+    "rss_trimmed_mb",
+    "py_objects",
+    "threads",
+    "open_files",
+    "cuda_allocated_mb",
+    "cuda_reserved_mb",
+]
+
+
+class MemoryLog(pl.Callback):
+    """Appends one row per training epoch end (after that epoch's validation) to ``path``.
+
+    ``rss_mb`` is the resident memory as the epoch left it; then the C heap's free pages are handed back to
+    the OS (glibc ``malloc_trim``) and ``rss_trimmed_mb`` is measured: memory still in use. A leak grows both;
+    heap fragmentation (freed memory glibc keeps for reuse) grows only the first. ``py_objects``: objects
+    the Python garbage collector tracks (a Python-level leak grows it).
+    """
+
+    def __init__(self, path: str, trim: bool = True) -> None:
         self.path = Path(path)
+        self.trim = bool(trim)
         self.start = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerow(
-                [
-                    "epoch",
-                    "seconds",
-                    "rss_mb",
-                    "threads",
-                    "open_files",
-                    "cuda_allocated_mb",
-                    "cuda_reserved_mb",
-                ]
-            )
+            csv.writer(f).writerow(COLUMNS)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        rss = round(_status("VmRSS") / 1024, 1)
+        gc.collect()
+        trimmed = round(_status("VmRSS") / 1024, 1) if self.trim and _malloc_trim() else ""
         row = [
             trainer.current_epoch,
             round(time.monotonic() - self.start, 1),
-            round(_status("VmRSS") / 1024, 1),
+            rss,
+            trimmed,
+            len(gc.get_objects()),
             _status("Threads"),
             len(os.listdir("/proc/self/fd")),
             round(torch.cuda.memory_allocated() / 2**20, 1) if cuda else "",
@@ -73,9 +100,7 @@ class MemoryLog(pl.Callback):
         ]
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(row)
-        print(
-            "memory", dict(zip(["epoch", "s", "rss_mb", "threads", "fds"], row[:5], strict=True)), flush=True
-        )
+        print("memory", dict(zip(COLUMNS[:7], row[:7], strict=True)), flush=True)
 
 
 def main() -> None:
@@ -125,17 +150,32 @@ def main() -> None:
     wall = time.monotonic() - started
 
     rows = list(csv.DictReader(open(csv_path)))
-    rss = [float(r["rss_mb"]) for r in rows]
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print(f"{len(rows)} epochs in {wall / 60:.1f} min; precision {cfg.trainer.precision}; "
-          f"{torch.get_num_threads()} torch threads; csv: {csv_path}\n")  # fmt: skip
-    print("| epoch | RSS (MB) | threads | open files |\n|---|---|---|---|")
+    print(
+        f"{len(rows)} epochs in {wall / 60:.1f} min; precision {cfg.trainer.precision}; "
+        f"{torch.get_num_threads()} torch threads; csv: {csv_path}\n"
+    )
+    print("| epoch | RSS (MB) | RSS after malloc_trim (MB) | Python objects | threads | open files |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['epoch']} | {r['rss_mb']} | {r['threads']} | {r['open_files']} |")
-    if len(rss) > 5:
-        growth = rss[-1] - rss[4]
-        print(f"\nRSS epoch 5 -> {len(rss)}: {rss[4]:.0f} -> {rss[-1]:.0f} MB ({growth:+.0f} MB, "
-              f"{growth / (len(rss) - 5):+.1f} MB/epoch); max {max(rss):.0f} MB")  # fmt: skip
+        print(
+            f"| {int(r['epoch']) + 1} | {r['rss_mb']} | {r['rss_trimmed_mb']} | {r['py_objects']} | "
+            f"{r['threads']} | {r['open_files']} |"
+        )
+    if len(rows) > 10:
+        for column in ("rss_mb", "rss_trimmed_mb"):
+            if not rows[0][column]:
+                continue
+            values = [float(r[column]) for r in rows]
+            n = len(values)
+            slope = statistics.linear_regression(range(5, n), values[5:]).slope
+            print(
+                f"{column}: epoch 5 -> {n}: {values[4]:.0f} -> {values[-1]:.0f} MB "
+                f"({values[-1] - values[4]:+.0f}); "
+                f"mean of epochs 6-10 {statistics.mean(values[5:10]):.0f}, of the last 5 "
+                f"{statistics.mean(values[-5:]):.0f}; trend over epochs 6-{n} {slope:+.2f} MB/epoch; "
+                f"max {max(values):.0f}"
+            )
 
 
 if __name__ == "__main__":
