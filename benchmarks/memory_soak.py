@@ -9,7 +9,7 @@ every 5 epochs (COCO evaluation included) and writing last.ckpt every epoch, in 
 Usage::
 
     python benchmarks/memory_soak.py [--epochs 30] [--train-images 128] [--val-images 32] [--out DIR]
-        [--threads N] [overrides ...]
+        [--threads N] [--no-trim] [overrides ...]
 
 Writes ``<out>/memory.csv`` (see :class:`MemoryLog`: RSS before and after handing the C heap's free memory
 back to the OS, Python objects, threads, open files, CUDA memory) and prints a Markdown summary; results are
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=32)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "memory_soak")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-trim", action="store_true", help="no malloc_trim (rss_trimmed_mb empty)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of conf/train.yaml")
     args = parser.parse_args()
 
@@ -134,6 +135,7 @@ def main() -> None:
         "callbacks.progress_bar.refresh_rate=0",
         "+callbacks.memory_log._target_=__main__.MemoryLog",
         f"+callbacks.memory_log.path={csv_path}",
+        f"+callbacks.memory_log.trim={not args.no_trim}",
         *args.overrides,
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
