@@ -24,57 +24,8 @@ import time
 
 import numpy as np
 
+from ssd_lightning.benchmarking import synthetic_coco_results
 from ssd_lightning.evaluation import METRIC_NAMES, evaluate_detections, format_table
-
-
-def synthetic_case(num_images: int, objects_per_image: float, detections_per_image: int, seed: int):
-    """(COCO GT dict, results rows). Vectorised per image; boxes are xywh pixels."""
-    rng = np.random.default_rng(seed)
-    cat_ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # 80, as COCO
-    images, annotations, rows = [], [], []
-
-    def random_boxes(n: int, w: int, h: int) -> np.ndarray:
-        side = np.exp(rng.uniform(np.log(6), np.log(0.9 * min(w, h)), size=(n, 1)))  # small..large
-        wh = side * np.exp(rng.normal(0, 0.35, size=(n, 2)))
-        wh = np.minimum(wh, [w, h])
-        xy = rng.uniform(0, 1, size=(n, 2)) * ([w, h] - wh)
-        return np.concatenate([xy, wh], axis=1)
-
-    for image_id in range(1, num_images + 1):
-        w, h = int(rng.integers(300, 641)), int(rng.integers(300, 641))
-        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": w, "height": h})
-        n = int(rng.poisson(objects_per_image))
-        gt = random_boxes(n, w, h)
-        gt_cats = rng.choice(cat_ids, size=n)
-        crowd = rng.random(n) < 0.01
-        for box, cat, is_crowd in zip(gt.tolist(), gt_cats.tolist(), crowd.tolist(), strict=True):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": cat,
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": int(is_crowd),
-                }
-            )
-        # Detections: 3 noisy copies per object (80% right class), the rest random; copies score higher.
-        copies = np.repeat(np.arange(n), 3)[:detections_per_image]
-        noisy = gt[copies] + rng.normal(0, 0.08, size=(len(copies), 4)) * np.tile(gt[copies, 2:], 2)
-        noisy[:, 2:] = np.maximum(noisy[:, 2:], 1.0)
-        noisy_cats = np.where(
-            rng.random(len(copies)) < 0.8, gt_cats[copies], rng.choice(cat_ids, len(copies))
-        )
-        k = detections_per_image - len(copies)
-        boxes = np.concatenate([noisy, random_boxes(k, w, h)])
-        cats = np.concatenate([noisy_cats, rng.choice(cat_ids, size=k)]).astype(np.int64)
-        scores = np.concatenate([rng.beta(4, 2, len(copies)), rng.beta(2, 4, k)])
-        rows.extend(
-            {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
-            for c, b, s in zip(cats.tolist(), boxes.tolist(), scores.tolist(), strict=True)
-        )
-    categories = [{"id": c, "name": f"class{c}"} for c in cat_ids]
-    return {"images": images, "annotations": annotations, "categories": categories}, rows
 
 
 def run_backend(backend: str, gt: dict, rows: list[dict]) -> tuple[np.ndarray, dict[str, float]]:
@@ -121,7 +72,7 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible")
     t = time.perf_counter()
-    gt, rows = synthetic_case(args.images, args.objects, args.detections, args.seed)
+    gt, rows = synthetic_coco_results(args.images, args.objects, args.detections, args.seed)
     print(
         f"synthetic set: {len(gt['images'])} images, {len(gt['categories'])} categories, "
         f"{len(gt['annotations'])} GT boxes, {len(rows)} detections ({time.perf_counter() - t:.1f}s to build)"
