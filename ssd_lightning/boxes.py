@@ -119,6 +119,17 @@ def encode_offsets(
     return torch.cat((xy, wh), dim=-2)
 
 
+def decode_boxes(
+    offsets: torch.Tensor, anchors_xywh: torch.Tensor, scale_xy: float = SCALE_XY, scale_wh: float = SCALE_WH
+) -> torch.Tensor:
+    """Inverse of :func:`encode_offsets` for boxes in rows: [..., 4] offsets and their [..., 4] (or
+    broadcastable) xywh anchors give [..., 4] ltrb boxes, not clipped (NVIDIA's ``scale_back_batch``
+    arithmetic, in the same order)."""
+    xy = offsets[..., :2] * scale_xy * anchors_xywh[..., 2:] + anchors_xywh[..., :2]
+    wh = torch.exp(offsets[..., 2:] * scale_wh) * anchors_xywh[..., 2:]
+    return box_convert(torch.cat((xy, wh), dim=-1), "cxcywh", "xyxy")
+
+
 def decode_offsets(
     locs: torch.Tensor, anchors_xywh: torch.Tensor, scale_xy: float = SCALE_XY, scale_wh: float = SCALE_WH
 ) -> torch.Tensor:
@@ -130,7 +141,4 @@ def decode_offsets(
     Returns:
         [N, A, 4] boxes, ltrb relative to the 300x300 input, not clipped. ``locs`` is left unchanged.
     """
-    locs = locs.permute(0, 2, 1)
-    xy = locs[..., :2] * scale_xy * anchors_xywh[:, 2:] + anchors_xywh[:, :2]
-    wh = torch.exp(locs[..., 2:] * scale_wh) * anchors_xywh[:, 2:]
-    return box_convert(torch.cat((xy, wh), dim=-1), "cxcywh", "xyxy")
+    return decode_boxes(locs.permute(0, 2, 1), anchors_xywh, scale_xy, scale_wh)

@@ -37,7 +37,7 @@ import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssd_lightning.boxes import DefaultBoxes
+from ssd_lightning.boxes import DefaultBoxes, decode_boxes
 from ssd_lightning.postprocess import _nms_threshold
 
 __all__ = [
@@ -263,7 +263,7 @@ def postprocess_batched(
         anchors = default_boxes.xywh.to(device=device, dtype=torch.float32)
         cand_locs = locs[g_image[row_index], :, cand_anchor].float()  # [M, 4]
         g_boxes = torch.zeros(num_groups, width, 4, device=device)
-        g_boxes[row_index, col_index] = _decode_rows(
+        g_boxes[row_index, col_index] = decode_boxes(
             cand_locs, anchors[cand_anchor], default_boxes.scale_xy, default_boxes.scale_wh
         )
 
@@ -322,16 +322,6 @@ def postprocess_batched(
         {"boxes": best_boxes[n, :m], "scores": best_scores[n, :m], "labels": labels[n, :m]}
         for n, m in enumerate(per_image)
     ]
-
-
-def _decode_rows(
-    offsets: torch.Tensor, anchors_xywh: torch.Tensor, scale_xy: float, scale_wh: float
-) -> torch.Tensor:
-    """:func:`~ssd_lightning.boxes.decode_offsets` for [..., 4] offsets and their [..., 4] anchors (same
-    operations in the same order, so the same float32 bits as NVIDIA's ``scale_back_batch``)."""
-    xy = offsets[..., :2] * scale_xy * anchors_xywh[..., 2:] + anchors_xywh[..., :2]
-    wh = torch.exp(offsets[..., 2:] * scale_wh) * anchors_xywh[..., 2:]
-    return torch.cat((xy - 0.5 * wh, xy + 0.5 * wh), dim=-1)
 
 
 def _empty(device: torch.device) -> dict[str, torch.Tensor]:
