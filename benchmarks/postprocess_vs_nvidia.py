@@ -1,13 +1,13 @@
-"""Post-processing speed: NVIDIA's per-image, per-class loop vs. this project's batched implementations.
+"""Post-processing speed: NVIDIA's per-image, per-class loop vs. this project's batched ``postprocess``.
 
 The reference is NVIDIA DeepLearningExamples SSD300 v1.1's evaluation decode, restated here line by line
 (``Encoder.decode_batch(ploc, plabel, criteria=0.5, max_output=200)`` -> ``scale_back_batch`` +
 ``decode_single``: per image, per class, scores > 0.05, the best 200, a Python ``while`` loop of greedy NMS
 with ``calc_iou_tensor``, then the best 200 of the image). It is timed against
 
-* ``ssd_lightning.postprocess.postprocess`` (batched top-k + torchvision ``batched_nms``; the default path of
-  validation), and
-* ``ssd_lightning.fastpath.postprocess_batched`` (fully batched, exact greedy NMS: the fast path),
+* ``ssd_lightning.postprocess.postprocess(nms_method="kernel")``: batched softmax, filter and top-k, then one
+  torchvision NMS call per (image, class) group (batched NMS off), and
+* ``ssd_lightning.postprocess.postprocess()``: the default (``auto``: on the CPU ``hybrid``), batched NMS,
 
 on the same SSD300 outputs, and every image's detections are checked against NVIDIA's (same labels and boxes,
 scores to 1e-6). Outputs are synthetic SSD300 heads ([N, 4, 8732] offsets, [N, C, 8732] logits):
@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from ssd_lightning.boxes import DefaultBoxes, ssd300_default_boxes
-from ssd_lightning.fastpath import postprocess_batched
 from ssd_lightning.postprocess import postprocess
 
 # ------------------------------------------------------------------------------------------------------
@@ -213,26 +212,26 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> None:
         sync()
         return out
 
-    def run_reference():
+    def run_per_group():
+        out = postprocess(locs, confs, boxes, nms_method="kernel")
+        sync()
+        return out
+
+    def run_batched():
         out = postprocess(locs, confs, boxes)
         sync()
         return out
 
-    def run_fast():
-        out = postprocess_batched(locs, confs, boxes)
-        sync()
-        return out
-
     nvidia = run_nvidia()
-    results = {"nvidia": None, "reference": run_reference(), "fast": run_fast()}
+    results = {"nvidia": None, "per-group NMS": run_per_group(), "batched (default)": run_batched()}
     # round robin, so that load from other processes hits every implementation alike
-    t_nvidia, t_reference, t_fast = [], [], []
+    t_nvidia, t_per_group, t_batched = [], [], []
     for r in range(max(args.repeats, args.nvidia_repeats)):
         if r < args.nvidia_repeats:
             t_nvidia += timed(run_nvidia, 1)
         if r < args.repeats:
-            t_reference += timed(run_reference, 1)
-            t_fast += timed(run_fast, 1)
+            t_per_group += timed(run_per_group, 1)
+            t_batched += timed(run_batched, 1)
     detections = sum(int(s.numel()) for _, _, s in nvidia) / args.batch
     print(
         f"\n## {case}: {candidates:.0f} class scores > 0.05 per image, {detections:.1f} detections per image"
@@ -240,7 +239,8 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> None:
     print("| implementation | median s / batch | min - max | images/s | speed-up vs NVIDIA | detections |")
     print("|---|---:|---:|---:|---:|---|")
     base = statistics.median(t_nvidia)
-    for name, times in (("nvidia", t_nvidia), ("reference", t_reference), ("fast", t_fast)):
+    timings = (("nvidia", t_nvidia), ("per-group NMS", t_per_group), ("batched (default)", t_batched))
+    for name, times in timings:
         med = statistics.median(times)
         same = "(the reference)" if name == "nvidia" else same_detections(nvidia, results[name])[1]
         print(
@@ -257,7 +257,12 @@ def main() -> None:
     parser.add_argument("--case", choices=("realistic", "dense", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of the batched versions")
     parser.add_argument("--nvidia-repeats", type=int, default=3, help="timed runs of NVIDIA's loop")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, for every implementation (1: stable on a shared CPU)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (NVIDIA's loop also runs there)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ssd_lightning.cli import ConfigError
 from ssd_lightning.fastpath import (
     OPTIMIZER_IMPLS,
-    POSTPROCESS_NMS_METHODS,
     FastPathCallback,
     HostSyncCounter,
     compile_module,
-    postprocess_batched,
     set_backend_flags,
 )
+from ssd_lightning.postprocess import POSTPROCESS_NMS_METHODS, postprocess
 
 __all__ = [
     "MODES",
@@ -252,8 +252,6 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"benchmark.{key}={bench[key]}: must be >= {0 if key == 'warmup' else 1}")
     if fast["optimizer"] not in OPTIMIZER_IMPLS:
         raise ConfigError(f"fastpath.optimizer={fast['optimizer']}: use one of {', '.join(OPTIMIZER_IMPLS)}")
-    if fast["nms"] not in ("batched", "reference"):
-        raise ConfigError(f"fastpath.nms={fast['nms']}: use batched or reference")
     if fast["nms_method"] not in POSTPROCESS_NMS_METHODS:
         raise ConfigError(
             f"fastpath.nms_method={fast['nms_method']}: use one of {', '.join(POSTPROCESS_NMS_METHODS)}"
@@ -278,18 +276,6 @@ def _with(cfg: DictConfig, **values: Any) -> DictConfig:
         for key, value in values.items():
             OmegaConf.update(out, key, value, merge=False)
     return out
-
-
-def _postprocessor(fast: dict[str, Any]) -> Callable[..., list[dict[str, torch.Tensor]]]:
-    if fast["nms"] == "reference":
-        from ssd_lightning.postprocess import postprocess
-
-        return postprocess
-
-    def batched(*args: Any, **kwargs: Any) -> list[dict[str, torch.Tensor]]:
-        return postprocess_batched(*args, nms_method=fast["nms_method"], **kwargs)
-
-    return batched
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,7 +480,7 @@ def _bench_inference(cfg: DictConfig, settings: dict[str, Any], batch_size: int)
     model = model.to(memory_format=memory_format)
     if fast["compile"]:
         compile_module(model, fast["compile_mode"])
-    post = _postprocessor(fast)
+    post = functools.partial(postprocess, nms_method=fast["nms_method"])
     boxes = model._default_boxes_on(device)
     hp = cfg.model
     post_kwargs = {
@@ -572,7 +558,7 @@ def _bench_inference(cfg: DictConfig, settings: dict[str, Any], batch_size: int)
         "backbone": getattr(model, "backbone_name", None),
         "num_classes": getattr(model, "num_classes", None),
         "weights": str(cfg.get("ckpt_path")) if cfg.get("ckpt_path") else "random",
-        "postprocess": fast["nms"] if fast["nms"] == "reference" else f"batched ({fast['nms_method']})",
+        "postprocess": f"nms_method={fast['nms_method']}",
         "steps": {"warmup": bench["warmup"], "timed": timed},
         "images_per_s": summarize([batch_size * bench["steps_per_repeat"] / s for s in samples]),
         "latency_ms": {

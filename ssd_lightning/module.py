@@ -265,6 +265,7 @@ class SSDModule(pl.LightningModule):
         self._val_seen: list[int] = []
         self._gt_cache: tuple[str, Any] | None = None
         self._last_batch_end: float | None = None
+        self._loss_on_host: tuple[torch.Tensor, Any] | None = None  # (pinned host loss, its copy's event)
 
     def _init_from(self, path: str) -> None:
         """Copy the weights of checkpoint ``path`` into the network (``model.init_from``)."""
@@ -312,12 +313,36 @@ class SSDModule(pl.LightningModule):
         images = batch["images"]
         locs, confs = self(images)
         parts = self.loss.components(locs, confs, batch["boxes"].transpose(1, 2), batch["labels"].long())
-        n = images.shape[0]
-        self.log("train/loss", parts.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self._log_train_step(parts, images.shape[0])
+        return parts.total
+
+    def _log_train_step(self, parts: Any, batch_size: int) -> None:
+        """Log the step's losses and learning rate without making the host wait for the device.
+
+        The losses stay device tensors: Lightning reads them on the host only on logging steps
+        (``trainer.log_every_n_steps``) and at the epoch end. The learning rate is a CPU tensor (a Python
+        float would be copied to the device, a blocking copy). The progress bar shows ``loss``, a host copy
+        of the step loss: on a GPU an asynchronous copy started at one step and shown once it has landed
+        (usually the next step), so the bar never waits for the device.
+        """
+        n = batch_size
+        self.log("train/loss", parts.total, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/loss_box", parts.box, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/loss_cls", parts.cls, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/lr", self._current_lr(), on_step=True, on_epoch=False, batch_size=n)
-        return parts.total
+        self.log("train/lr", torch.tensor(self._current_lr()), on_step=True, on_epoch=False, batch_size=n)
+        loss = parts.total.detach()
+        bar = {"prog_bar": True, "logger": False, "on_step": True, "on_epoch": False, "batch_size": n}
+        if loss.device.type == "cpu":
+            self.log("loss", loss, **bar)
+            return
+        landed = self._loss_on_host
+        if landed is not None and landed[1].query():  # the copy has finished: reading it does not wait
+            self.log("loss", landed[0], **bar)
+        if landed is None or landed[1].query():
+            event = torch.Event(loss.device)
+            host = loss.float().to("cpu", non_blocking=True)  # pinned, asynchronous
+            event.record()
+            self._loss_on_host = (host, event)
 
     def on_train_epoch_start(self) -> None:
         scheduler = self._scheduler()
@@ -333,7 +358,7 @@ class SSDModule(pl.LightningModule):
             images = int(batch["images"].shape[0]) * self.trainer.world_size
             self.log(
                 "train/throughput",
-                images / max(now - self._last_batch_end, 1e-9),
+                torch.tensor(images / max(now - self._last_batch_end, 1e-9)),  # CPU tensor: no device copy
                 on_step=True,
                 on_epoch=True,
                 batch_size=1,

@@ -90,14 +90,14 @@ def test_inference_mode_end_to_end_with_nms(tmp_path):
     _check_common(result, "inference", runs=1)
     run = result["runs"][0]
     assert run["input"] == "synthetic" and run["weights"] == "random" and run["num_classes"] == 81
-    assert run["postprocess"] == "batched (auto)"
+    assert run["postprocess"] == "nms_method=auto"
     assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
     assert 0 <= run["detections_per_image"] <= 200
     assert run["breakdown_ms"]["network_p50"] > 0 and run["breakdown_ms"]["postprocess_p50"] > 0
-    assert "| inference synthetic (batched (auto)) | 2 | cpu | 32-true |" in stdout
+    assert "| inference synthetic (nms_method=auto) | 2 | cpu | 32-true |" in stdout
 
 
-def test_inference_mode_on_the_dali_val_pipeline_with_the_reference_nms(synthetic_coco, tmp_path):
+def test_inference_mode_on_the_dali_val_pipeline_with_per_group_nms(synthetic_coco, tmp_path):
     result, _ = _run(
         [
             *TINY_DATA,
@@ -106,13 +106,13 @@ def test_inference_mode_on_the_dali_val_pipeline_with_the_reference_nms(syntheti
             "benchmark.input=dali",
             "benchmark.batch_sizes=[4]",
             "benchmark.breakdown=false",
-            "fastpath.nms=reference",
+            "fastpath.nms_method=kernel",
             *QUICK,
         ],
         tmp_path,
     )
     run = result["runs"][0]
-    assert run["input"] == "dali" and run["postprocess"] == "reference" and "breakdown_ms" not in run
+    assert run["input"] == "dali" and run["postprocess"] == "nms_method=kernel" and "breakdown_ms" not in run
     assert run["backbone"] == "resnet18"
 
 
@@ -193,7 +193,10 @@ def test_user_errors_are_one_line(tmp_path, override, fragment):
 
 @pytest.mark.parametrize(
     ("override", "fragment"),
-    [("benchmark.repeats=0", "benchmark.repeats=0"), ("fastpath.nms=magic", "fastpath.nms=magic")],
+    [
+        ("benchmark.repeats=0", "benchmark.repeats=0"),
+        ("fastpath.nms_method=magic", "fastpath.nms_method=magic"),
+    ],
 )
 def test_bad_settings_raise_config_errors(tmp_path, override, fragment):
     cfg = compose_config("benchmark", ["mode=eval", override], tmp_path)

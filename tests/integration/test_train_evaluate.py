@@ -71,6 +71,10 @@ def test_training_ends_with_the_coco_table(trained):
         assert key in trained["metrics"]
     csv = (trained["dir"] / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/lr", "train/loss_step", "val/AP", "lr/decay", "lr/no_decay"} <= set(csv)
+    assert "loss" not in csv  # the progress-bar copy of the loss is not logged twice
+    # the progress bar shows the host copy of the step loss only: no device tensor is read per step
+    assert "loss" in trainer.progress_bar_metrics
+    assert not any(key.startswith("train/") for key in trainer.progress_bar_metrics)
 
 
 def test_checkpoints_load_with_weights_only(trained):

@@ -166,3 +166,57 @@ def test_slurm_sigusr1_requeues_and_the_requeued_job_resumes(synthetic_coco, tmp
     assert objects["trainer"].global_step == EPOCHS * STEPS_PER_EPOCH
     assert objects["trainer"].ckpt_path == str(run / "hpc_ckpt_1.ckpt")
     assert (run / "csv" / "metrics.1.csv").read_text() == logged  # the first attempt's metrics are kept
+
+
+def _ddp_train(tmp_path: Path, run: Path, data: Path, *overrides: str) -> subprocess.Popen:
+    """train.py on 2 CPU DDP processes (Lightning starts rank 1), batch 2 per rank: 3 steps per epoch."""
+    return _start(
+        tmp_path,
+        f"data.root={data}",
+        f"hydra.run.dir={run}",
+        "data.batch_size=2",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        *overrides,
+    )
+
+
+def test_ddp_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(synthetic_coco, tmp_path):
+    """Kubernetes-style preemption of a 2-process DDP run: SIGTERM to the launching process only (Lightning
+    forwards it to the rank it started); both ranks stop at the same step, one checkpoint is written, no
+    process is left behind; the resumed run ends with the weights of a run that was never stopped."""
+    killed = tmp_path / "killed"
+    proc = _ddp_train(tmp_path, killed, synthetic_coco)
+    _wait_for((killed / "checkpoints" / "last.ckpt").exists, proc, "the first checkpoint")
+    time.sleep(1.0)  # somewhere in epoch 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, _output(tmp_path)[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # rank 1 (same session) must end too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("a DDP rank outlived the SIGTERM")
+    stopped = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 0 < stopped["global_step"] < 3 * EPOCHS
+
+    resumed = _ddp_train(tmp_path, killed, synthetic_coco, "ckpt_path=last")
+    assert resumed.wait(timeout=300) == 0, _output(tmp_path)[-3000:]
+    assert f"resuming from {killed / 'checkpoints' / 'last.ckpt'}" in _output(tmp_path)
+    full = tmp_path / "full"
+    uninterrupted = _ddp_train(tmp_path, full, synthetic_coco)
+    assert uninterrupted.wait(timeout=300) == 0, _output(tmp_path)[-3000:]
+
+    a = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 3 * EPOCHS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]

@@ -1,6 +1,6 @@
-"""postprocess against a plain re-statement of NVIDIA's ``Encoder.decode_batch`` (reference section 3.3),
-crafted cases with hand-computed detections, and the DALI ``box_encoder`` -> ``encode_offsets`` ->
-``decode_offsets`` round trip."""
+"""postprocess against a restatement of NVIDIA's ``Encoder.decode_batch`` loop (reference section 3.3),
+bit for bit with every NMS method; crafted cases with hand-computed detections; and the DALI ``box_encoder``
+-> ``encode_offsets`` -> ``decode_offsets`` round trip."""
 
 from __future__ import annotations
 
@@ -11,73 +11,88 @@ import torch
 from torchvision.ops import box_convert, box_iou
 
 from ssd_lightning.boxes import DefaultBoxes, decode_offsets, encode_offsets, ssd300_default_boxes
-from ssd_lightning.postprocess import postprocess
+from ssd_lightning.postprocess import greedy_nms_padded, postprocess, suppression_matrix
 
 
-def iou_nvidia(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """IoU [M] of ltrb ``boxes`` [M, 4] with one ltrb ``box`` [4], NVIDIA's ``calc_iou_tensor`` formula."""
+def nvidia_iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """NVIDIA's ``calc_iou_tensor(boxes, box[None])`` [M]."""
     lt = torch.max(boxes[:, :2], box[:2])
     rb = torch.min(boxes[:, 2:], box[2:])
-    delta = (rb - lt).clamp(min=0)
+    delta = rb - lt
+    delta[delta < 0] = 0
     intersect = delta[:, 0] * delta[:, 1]
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     area_box = (box[2] - box[0]) * (box[3] - box[1])
     return intersect / (area + area_box - intersect)
 
 
-def reference_decode(
-    locs: torch.Tensor,
-    confs: torch.Tensor,
-    default_boxes: DefaultBoxes,
-    criteria: float = 0.5,
-    max_output: int = 200,
-    max_num: int = 200,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """NVIDIA's decode_batch/decode_single, one image and one class at a time. Returns (boxes, scores, labels)
-    per image, sorted by score descending (NVIDIA returns ascending)."""
+def nvidia_decode(locs, confs, default_boxes, criteria=0.5, max_output=200, max_num=200, threshold=0.05):
+    """Per image, per class greedy NMS as NVIDIA; returns (boxes, scores, labels) per image, best first."""
     anchors = default_boxes.xywh
-    results = []
+    out = []
     for n in range(locs.shape[0]):
-        loc = locs[n].t()  # [A, 4]
-        xy = 0.1 * loc[:, :2] * anchors[:, 2:] + anchors[:, :2]
-        wh = (0.2 * loc[:, 2:]).exp() * anchors[:, 2:]
+        loc = locs[n].t()
+        xy = loc[:, :2] * 0.1 * anchors[:, 2:] + anchors[:, :2]
+        wh = (loc[:, 2:] * 0.2).exp() * anchors[:, 2:]
         boxes = torch.cat((xy - 0.5 * wh, xy + 0.5 * wh), dim=1)
-        probs = confs[n].softmax(dim=0)  # [C, A]
-        out_boxes, out_scores, out_labels = [], [], []
+        probs = confs[n].t().softmax(dim=-1)  # [A, C], NVIDIA's layout
+        all_boxes, all_scores, all_labels = [], [], []
         for label in range(1, confs.shape[1]):
-            score = probs[label]
-            mask = score > 0.05
+            score = probs[:, label]
+            mask = score > threshold
             class_boxes, class_scores = boxes[mask], score[mask]
             if class_scores.numel() == 0:
                 continue
-            remaining = class_scores.argsort()[-max_num:]  # ascending, the best max_num
+            remaining = class_scores.sort().indices[-max_num:]
             chosen = []
             while remaining.numel() > 0:
                 best = remaining[-1]
-                ious = iou_nvidia(class_boxes[remaining], class_boxes[best])
-                remaining = remaining[ious < criteria]  # NVIDIA keeps IoU < criteria (itself: IoU 1, dropped)
+                remaining = remaining[nvidia_iou(class_boxes[remaining], class_boxes[best]) < criteria]
                 chosen.append(int(best))
-            out_boxes.append(class_boxes[chosen])
-            out_scores.append(class_scores[chosen])
-            out_labels += [label] * len(chosen)
-        if not out_boxes:
-            results.append((torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64)))
+            all_boxes.append(class_boxes[chosen])
+            all_scores.append(class_scores[chosen])
+            all_labels += [label] * len(chosen)
+        if not all_boxes:
+            out.append((torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64)))
             continue
-        all_boxes, all_scores = torch.cat(out_boxes), torch.cat(out_scores)
-        order = all_scores.argsort()[-max_output:].flip(0)
-        results.append((all_boxes[order], all_scores[order], torch.tensor(out_labels)[order]))
-    return results
+        scores = torch.cat(all_scores)
+        order = scores.argsort()[-max_output:].flip(0)
+        out.append((torch.cat(all_boxes)[order], scores[order], torch.tensor(all_labels)[order]))
+    return out
 
 
-def assert_same_detections(got: list[dict], expected: list[tuple]) -> None:
+def assert_nvidia_detections(got: list[dict], expected: list[tuple], exact: bool = True) -> None:
     assert len(got) == len(expected)
-    for detections, (boxes, scores, labels) in zip(got, expected, strict=True):
-        assert set(detections) == {"boxes", "scores", "labels"}
-        assert detections["labels"].dtype == torch.int64
-        assert torch.equal(detections["labels"], labels)
-        torch.testing.assert_close(detections["scores"], scores, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(detections["boxes"], boxes, rtol=1e-6, atol=1e-6)
-        assert detections["scores"].diff().le(0).all()
+    for d, (boxes, scores, labels) in zip(got, expected, strict=True):
+        assert set(d) == {"boxes", "scores", "labels"}
+        assert d["boxes"].dtype == d["scores"].dtype == torch.float32 and d["labels"].dtype == torch.int64
+        assert torch.equal(d["labels"], labels)
+        if exact:  # NVIDIA's float32 operations: the same bits
+            assert torch.equal(d["boxes"], boxes) and torch.equal(d["scores"], scores)
+        else:
+            torch.testing.assert_close(d["boxes"], boxes, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(d["scores"], scores, rtol=1e-6, atol=1e-7)
+        assert d["scores"].diff().le(0).all()
+
+
+def ssd_outputs(num_images: int, num_classes: int, seed: int, objects: int = 4):
+    """SSD300-like outputs: confident background except around a few objects, plus noise candidates."""
+    g = torch.Generator().manual_seed(seed)
+    anchors = ssd300_default_boxes()
+    locs = torch.randn(num_images, 4, 8732, generator=g) * 0.5
+    confs = torch.randn(num_images, num_classes, 8732, generator=g)
+    confs[:, 0] += 5.0
+    for n in range(num_images):
+        centre = torch.rand(objects, 2, generator=g) * 0.6 + 0.2
+        size = torch.rand(objects, 2, generator=g) * 0.3 + 0.05
+        objs = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+        from torchvision.ops import box_iou
+
+        iou = box_iou(objs, anchors.ltrb)
+        for o in range(objects):
+            near = iou[o] > 0.2
+            confs[n, 1 + o % (num_classes - 1), near] += 12 * iou[o, near]
+    return locs, confs
 
 
 def random_outputs(num_images: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +120,8 @@ def test_matches_nvidia_on_random_outputs(
         max_detections=max_detections,
         candidates_per_class=candidates_per_class,
     )
-    expected = reference_decode(locs, confs, boxes, iou_threshold, max_detections, candidates_per_class)
-    assert_same_detections(got, expected)
+    expected = nvidia_decode(locs, confs, boxes, iou_threshold, max_detections, candidates_per_class)
+    assert_nvidia_detections(got, expected)
     assert all(len(d["scores"]) > 0 for d in got)
     assert not (got[0]["labels"] == 2).any()
     assert torch.equal(locs, locs_before) and torch.equal(confs, confs_before)  # NVIDIA's modifies ploc
@@ -118,7 +133,104 @@ def test_low_precision_outputs_are_decoded_in_float32() -> None:
     locs, confs = locs.half(), confs.half()
     got = postprocess(locs, confs, boxes)
     assert got[0]["boxes"].dtype == got[0]["scores"].dtype == torch.float32
-    assert_same_detections(got, reference_decode(locs.float(), confs.float(), boxes))
+    assert_nvidia_detections(got, nvidia_decode(locs.float(), confs.float(), boxes))
+
+
+METHODS = ["auto", "sequential", "fixed_point", "kernel", "hybrid"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_postprocess_is_nvidia_bit_for_bit(method):
+    boxes = ssd300_default_boxes()
+    locs, confs = ssd_outputs(num_images=3, num_classes=6, seed=1)
+    confs[2] = -confs[2].abs()  # image 2: class scores everywhere (dense)
+    confs[1, 0] += 30  # image 1: nothing above 0.05
+    before = (locs.clone(), confs.clone())
+    got = postprocess(locs, confs, boxes, nms_method=method)
+    assert torch.equal(locs, before[0]) and torch.equal(confs, before[1])
+    expected = nvidia_decode(locs, confs, boxes)
+    assert [len(d["scores"]) for d in got][1] == 0 and len(got[0]["scores"]) > 0
+    assert len(got[2]["scores"]) == 200  # the max_detections cut matters here
+    assert_nvidia_detections(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("iou", "max_detections", "candidates", "threshold"), [(0.45, 50, 120, 0.05), (0.3, 7, 3, 0.2)]
+)
+def test_batched_postprocess_arguments(iou, max_detections, candidates, threshold):
+    boxes = ssd300_default_boxes()
+    locs, confs = ssd_outputs(num_images=2, num_classes=5, seed=2)
+    got = postprocess(
+        locs,
+        confs,
+        boxes,
+        score_threshold=threshold,
+        iou_threshold=iou,
+        max_detections=max_detections,
+        candidates_per_class=candidates,
+    )
+    expected = nvidia_decode(locs, confs, boxes, iou, max_detections, candidates, threshold)
+    assert_nvidia_detections(got, expected)
+    assert all(len(d["scores"]) <= max_detections for d in got)
+
+
+def test_batched_postprocess_low_precision_and_empty_outputs():
+    boxes = ssd300_default_boxes()
+    locs, confs = ssd_outputs(num_images=2, num_classes=4, seed=4)
+    got = postprocess(locs.bfloat16(), confs.bfloat16(), boxes)
+    assert_nvidia_detections(got, nvidia_decode(locs.bfloat16().float(), confs.bfloat16().float(), boxes))
+    confs[:, 0] = 100.0
+    for d in postprocess(locs, confs, boxes):
+        assert d["boxes"].shape == (0, 4) and d["scores"].shape == (0,) and d["labels"].dtype == torch.int64
+    assert all(len(d["scores"]) == 0 for d in postprocess(locs, confs, boxes, max_detections=0))
+
+
+def test_crafted_iou_exactly_at_the_threshold_suppresses():
+    """Dyadic boxes: IoU exactly 0.5 suppresses (NVIDIA keeps IoU < criteria only), 1/3 does not."""
+    ltrb = torch.tensor(
+        [[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.75, 1.0]]
+    )
+    anchors = DefaultBoxes(box_convert(ltrb, "xyxy", "cxcywh"), ltrb, 0.1, 0.2, (4,))
+    probs = torch.tensor([[0.4, 0.6], [0.45, 0.55], [0.1, 0.9], [0.2, 0.8]])  # (background, class 1)
+    confs = probs.log().t().unsqueeze(0)
+    locs = torch.zeros(1, 4, 4)
+    for method in METHODS:
+        (d,) = postprocess(locs, confs, anchors, nms_method=method)
+        assert d["scores"].tolist() == pytest.approx([0.9, 0.8, 0.6])  # anchor 1 (IoU 0.5 with 0) dropped
+        assert torch.equal(d["boxes"], ltrb[[2, 3, 0]])
+        (d,) = postprocess(locs, confs, anchors, iou_threshold=0.5 + 1e-6, nms_method=method)
+        assert len(d["scores"]) == 4
+
+
+def test_greedy_nms_methods_agree_on_random_matrices():
+    g = torch.Generator().manual_seed(5)
+    boxes = torch.rand(40, 30, 2, generator=g)
+    boxes = torch.cat([boxes, boxes + torch.rand(40, 30, 2, generator=g) * 0.4], dim=2)
+    valid = torch.arange(30)[None, :] < torch.randint(0, 31, (40, 1), generator=g)
+    suppress = suppression_matrix(boxes, 0.3)
+    sizes = valid.sum(1)
+    order = sizes.argsort(descending=True)
+    seq = greedy_nms_padded(suppress[order], valid[order], "sequential", sizes[order].tolist())
+    fixed = greedy_nms_padded(suppress[order], valid[order], "fixed_point")
+    assert torch.equal(seq, fixed) and not (seq & ~valid[order]).any()
+    # the plain greedy loop, group by group
+    for row, g_ in enumerate(order.tolist()):
+        kept: list[int] = []
+        for j in range(int(sizes[g_])):
+            if not any(bool(suppress[g_, i, j]) for i in kept):
+                kept.append(j)
+        assert seq[row].nonzero().flatten().tolist() == kept
+    with pytest.raises(ValueError, match="unknown NMS method"):
+        greedy_nms_padded(suppress, valid, "magic")
+
+
+def test_nvidia_reference_sanity():
+    """The restated NVIDIA loop keeps the best box of a class and drops an identical copy."""
+    ltrb = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.1, 0.1, 0.4, 0.4]])
+    anchors = DefaultBoxes(box_convert(ltrb, "xyxy", "cxcywh"), ltrb, 0.1, 0.2, (2,))
+    confs = torch.tensor([[0.2, 0.8], [0.3, 0.7]]).log().t().unsqueeze(0)
+    ((boxes, scores, labels),) = nvidia_decode(torch.zeros(1, 4, 2), confs, anchors)
+    assert labels.tolist() == [1] and scores.tolist() == pytest.approx([0.8]) and not math.isnan(scores[0])
 
 
 def crafted_boxes() -> DefaultBoxes:
@@ -170,7 +282,7 @@ def test_crafted_detections() -> None:
         image1["boxes"].shape == (0, 4) and image1["scores"].shape == (0,) and image1["labels"].shape == (0,)
     )
     assert image1["labels"].dtype == torch.int64
-    assert_same_detections([image0, image1], reference_decode(locs, confs, boxes))
+    assert_nvidia_detections([image0, image1], nvidia_decode(locs, confs, boxes))
 
     # Lower NMS threshold: 1/3 and 0.375 now suppress (IoU >= threshold).
     (image0,) = postprocess(locs[:1], confs[:1], boxes, iou_threshold=1 / 3)
@@ -191,7 +303,7 @@ def test_score_exactly_at_threshold_is_dropped() -> None:
     boxes = crafted_boxes()
     confs = logits([[0.4, 0.6, 0.0, 0.0], [0.7, 0.0, 0.3, 0.0], [1.0, 0.0, 0.0, 0.0]] + [[1.0, 0, 0, 0]] * 2)
     locs = torch.zeros(1, 4, 5)
-    score = confs.softmax(dim=1)[0, 2, 1].item()  # the class-2 score, ~0.3, as postprocess computes it
+    score = confs[0].t().softmax(dim=-1)[1, 2].item()  # class 2 of anchor 1, ~0.3, in NVIDIA's [A, C] layout
     (strict,) = postprocess(locs, confs, boxes, score_threshold=score)
     assert strict["labels"].tolist() == [1]
     below = torch.nextafter(torch.tensor(score), torch.tensor(0.0)).item()  # the float32 just below
