@@ -48,14 +48,7 @@ from ssd_lightning.data.coco import (
     warn_sanitised,
     write_reader_annotations,
 )
-from ssd_lightning.data.pipelines import (
-    CROP_THRESHOLDS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    READER_NAME,
-    eval_pipeline,
-    train_pipeline,
-)
+from ssd_lightning.data.pipelines import READER_NAME, Augmentation, eval_pipeline, train_pipeline
 from ssd_lightning.data.synthetic import ensure_synthetic_coco
 
 __all__ = ["COCODataModule", "TrainLoader", "EvalLoader", "find_undecodable_image"]
@@ -384,6 +377,9 @@ def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
     return int(state[0]) % 2**31
 
 
+_NVIDIA = Augmentation()  # the default augmentation settings
+
+
 class COCODataModule(pl.LightningDataModule):
     """COCO-format detection data through NVIDIA DALI (see the module docstring for the batch formats).
 
@@ -411,7 +407,7 @@ class COCODataModule(pl.LightningDataModule):
         synthetic: if set (kwargs of :func:`ensure_synthetic_coco`, e.g. ``{num_train: 1000, num_val: 200}``),
             the synthetic set is written into ``root`` on first use.
         crop_*, flip_probability, brightness, contrast, saturation, hue (degrees), mean, std, match_iou:
-            augmentation and encoding parameters (NVIDIA SSD300 v1.1 defaults).
+            the fields of :class:`~ssd_lightning.data.pipelines.Augmentation` (NVIDIA SSD300 v1.1 defaults).
         prefetch_queue_depth: DALI prefetch depth.
         train_image_ids: also yield ``image_ids`` [N] int64 in training batches (debugging, tests).
     """
@@ -437,18 +433,18 @@ class COCODataModule(pl.LightningDataModule):
         check_images: bool = True,
         cache_dir: str | os.PathLike | None = None,
         synthetic: Mapping[str, Any] | None = None,
-        crop_thresholds: Sequence[float] = CROP_THRESHOLDS,
-        crop_scaling: Sequence[float] = (0.3, 1.0),
-        crop_aspect_ratio: Sequence[float] = (0.5, 2.0),
-        crop_attempts: int = 50,
-        flip_probability: float = 0.5,
-        brightness: Sequence[float] = (0.875, 1.125),
-        contrast: Sequence[float] = (0.5, 1.5),
-        saturation: Sequence[float] = (0.5, 1.5),
-        hue: Sequence[float] = (-0.5, 0.5),
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        match_iou: float = 0.5,
+        crop_thresholds: Sequence[float] = _NVIDIA.crop_thresholds,
+        crop_scaling: Sequence[float] = _NVIDIA.crop_scaling,
+        crop_aspect_ratio: Sequence[float] = _NVIDIA.crop_aspect_ratio,
+        crop_attempts: int = _NVIDIA.crop_attempts,
+        flip_probability: float = _NVIDIA.flip_probability,
+        brightness: Sequence[float] = _NVIDIA.brightness,
+        contrast: Sequence[float] = _NVIDIA.contrast,
+        saturation: Sequence[float] = _NVIDIA.saturation,
+        hue: Sequence[float] = _NVIDIA.hue,
+        mean: Sequence[float] = _NVIDIA.mean,
+        std: Sequence[float] = _NVIDIA.std,
+        match_iou: float = _NVIDIA.match_iou,
         prefetch_queue_depth: int = 2,
         train_image_ids: bool = False,
     ) -> None:
@@ -474,20 +470,20 @@ class COCODataModule(pl.LightningDataModule):
         self.check_images = bool(check_images)
         self.cache_dir = cache_dir
         self.synthetic = dict(_plain(synthetic)) if synthetic else None
-        self.aug = {
-            "crop_thresholds": [float(t) for t in _plain(crop_thresholds)],
-            "crop_scaling": _pair(crop_scaling, "crop_scaling"),
-            "crop_aspect_ratio": _pair(crop_aspect_ratio, "crop_aspect_ratio"),
-            "crop_attempts": int(crop_attempts),
-            "flip_probability": float(flip_probability),
-            "brightness": _pair(brightness, "brightness"),
-            "contrast": _pair(contrast, "contrast"),
-            "saturation": _pair(saturation, "saturation"),
-            "hue": _pair(hue, "hue"),
-            "mean": [float(m) for m in _plain(mean)],
-            "std": [float(s) for s in _plain(std)],
-            "match_iou": float(match_iou),
-        }
+        self.augmentation = Augmentation(
+            crop_thresholds=tuple(float(t) for t in _plain(crop_thresholds)),
+            crop_scaling=_pair(crop_scaling, "crop_scaling"),
+            crop_aspect_ratio=_pair(crop_aspect_ratio, "crop_aspect_ratio"),
+            crop_attempts=int(crop_attempts),
+            flip_probability=float(flip_probability),
+            brightness=_pair(brightness, "brightness"),
+            contrast=_pair(contrast, "contrast"),
+            saturation=_pair(saturation, "saturation"),
+            hue=_pair(hue, "hue"),
+            mean=tuple(float(m) for m in _plain(mean)),
+            std=tuple(float(s) for s in _plain(std)),
+            match_iou=float(match_iou),
+        )
         self.prefetch_queue_depth = int(prefetch_queue_depth)
         self.train_image_ids = bool(train_image_ids)
 
@@ -720,7 +716,6 @@ class COCODataModule(pl.LightningDataModule):
         num_batches = (len(ids) // rt["world"]) // self.batch_size
         reader_file = self._reader_files["train"]
         anchors = ssd300_default_boxes().ltrb_list()
-        aug = self.aug
 
         mine = shard_range(len(ids), rt["rank"], rt["world"])
 
@@ -745,7 +740,7 @@ class COCODataModule(pl.LightningDataModule):
                 include_crowd=self.train_include_crowd,
                 prefetch_queue_depth=self.prefetch_queue_depth,
                 return_image_ids=self.train_image_ids,
-                **aug,
+                augmentation=self.augmentation,
             )
 
         files = [images_dir / ann.file_names[ids[i]] for i in mine]
@@ -802,8 +797,8 @@ class COCODataModule(pl.LightningDataModule):
                 num_shards=rt["world"],
                 decode_device=rt["decode"],
                 dtype=rt["dtype"],
-                mean=self.aug["mean"],
-                std=self.aug["std"],
+                mean=self.augmentation.mean,
+                std=self.augmentation.std,
                 prefetch_queue_depth=self.prefetch_queue_depth,
             )
 

@@ -17,6 +17,7 @@ output is a GPU tensor; with ``"cpu"`` everything runs on the CPU (``device_id``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
@@ -26,6 +27,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CROP_THRESHOLDS",
+    "Augmentation",
     "train_pipeline",
     "eval_pipeline",
     "dali_dtype",
@@ -37,6 +39,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # SSD random crop: minimum IoU with every kept box (0 = any crop); "no crop" is allow_no_crop=True.
 CROP_THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
 INPUT_SIZE = 300
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation and box-matching settings; the defaults are NVIDIA SSD300 v1.1's (DALI-ex).
+
+    Ranges are (low, high); a range with low == high turns that jitter off. ``hue`` is in degrees (NVIDIA's
+    +-0.5 is practically off). ``mean``/``std`` are per RGB channel on the 0..1 scale (also used by the
+    evaluation pipeline). ``match_iou``: ``box_encoder``'s IoU for matching a default box to a ground truth.
+    """
+
+    crop_thresholds: tuple[float, ...] = CROP_THRESHOLDS  # SSD crop: minimum IoU with every kept box
+    crop_scaling: tuple[float, float] = (0.3, 1.0)  # crop side / image side
+    crop_aspect_ratio: tuple[float, float] = (0.5, 2.0)
+    crop_attempts: int = 50
+    flip_probability: float = 0.5
+    brightness: tuple[float, float] = (0.875, 1.125)
+    contrast: tuple[float, float] = (0.5, 1.5)
+    saturation: tuple[float, float] = (0.5, 1.5)
+    hue: tuple[float, float] = (-0.5, 0.5)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    match_iou: float = 0.5
 
 
 def dali_dtype(name: str) -> types.DALIDataType:
@@ -77,18 +102,7 @@ def train_pipeline(
     decode_device: str = "cpu",
     dtype: str = "float32",
     include_crowd: bool = True,
-    crop_thresholds: Sequence[float] = CROP_THRESHOLDS,
-    crop_scaling: Sequence[float] = (0.3, 1.0),
-    crop_aspect_ratio: Sequence[float] = (0.5, 2.0),
-    crop_attempts: int = 50,
-    flip_probability: float = 0.5,
-    brightness: Sequence[float] = (0.875, 1.125),
-    contrast: Sequence[float] = (0.5, 1.5),
-    saturation: Sequence[float] = (0.5, 1.5),
-    hue: Sequence[float] = (-0.5, 0.5),
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    match_iou: float = 0.5,
+    augmentation: Augmentation = Augmentation(),
     prefetch_queue_depth: int = 2,
     return_image_ids: bool = False,
     file_names: Sequence[str] | None = None,
@@ -104,8 +118,8 @@ def train_pipeline(
     factor) then ``brightness_contrast`` (contrast around 128) with each factor drawn uniformly from its range
     -> ImageNet normalisation to CHW ``dtype`` -> ``box_encoder`` to the default boxes (IoU ``match_iou``).
 
-    ``seed`` drives the augmentations (give every rank its own). The colour ranges default to NVIDIA's (hue is
-    +-0.5 degrees there, practically off); a range with low == high turns that jitter off.
+    The settings named here are the fields of ``augmentation`` (:class:`Augmentation`). ``seed`` drives the
+    augmentations (give every rank its own).
 
     The reader pads its shard (``pad_last_batch``), so every DALI epoch is exactly this shard of that epoch's
     global permutation (shards differ in size by at most one image); iterate with
@@ -127,6 +141,7 @@ def train_pipeline(
         prefetch_queue_depth=prefetch_queue_depth,
     )
     def graph():
+        aug = augmentation
         if file_names is None:
             order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed}
         else:
@@ -150,12 +165,12 @@ def train_pipeline(
             boxes,
             labels,
             device="cpu",
-            aspect_ratio=list(crop_aspect_ratio),
-            thresholds=list(crop_thresholds),
-            scaling=list(crop_scaling),
+            aspect_ratio=list(aug.crop_aspect_ratio),
+            thresholds=list(aug.crop_thresholds),
+            scaling=list(aug.crop_scaling),
             bbox_layout="xyXY",
             allow_no_crop=True,
-            num_attempts=crop_attempts,
+            num_attempts=aug.crop_attempts,
         )
         images = fn.decoders.image_slice(
             jpegs,
@@ -165,7 +180,7 @@ def train_pipeline(
             output_type=types.RGB,
             adjust_orientation=False,
         )
-        flip = fn.random.coin_flip(probability=flip_probability)
+        flip = fn.random.coin_flip(probability=aug.flip_probability)
         boxes = fn.bb_flip(boxes, ltrb=True, horizontal=flip)
         images = fn.resize(
             images, resize_x=INPUT_SIZE, resize_y=INPUT_SIZE, min_filter=types.INTERP_TRIANGULAR
@@ -173,18 +188,18 @@ def train_pipeline(
         images = fn.hsv(
             images,
             dtype=types.FLOAT,
-            hue=_uniform(hue),
-            saturation=_uniform(saturation),
+            hue=_uniform(aug.hue),
+            saturation=_uniform(aug.saturation),
         )
         images = fn.brightness_contrast(
             images,
             contrast_center=128,
             dtype=types.UINT8,
-            brightness=_uniform(brightness),
-            contrast=_uniform(contrast),
+            brightness=_uniform(aug.brightness),
+            contrast=_uniform(aug.contrast),
         )
-        images = _normalize(images, mean, std, dtype, mirror=flip)
-        boxes, labels = fn.box_encoder(boxes, labels, criteria=match_iou, anchors=list(anchors_ltrb))
+        images = _normalize(images, aug.mean, aug.std, dtype, mirror=flip)
+        boxes, labels = fn.box_encoder(boxes, labels, criteria=aug.match_iou, anchors=list(anchors_ltrb))
         if gpu:
             boxes, labels = boxes.gpu(), labels.gpu()
         if return_image_ids:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ssd_lightning.boxes import decode_offsets, encode_offsets, ssd300_default_boxes
 from ssd_lightning.data.coco import CategoryMap
-from ssd_lightning.data.pipelines import eval_pipeline, train_pipeline
+from ssd_lightning.data.pipelines import Augmentation, eval_pipeline, train_pipeline
 
 DBOXES = ssd300_default_boxes()
 NO_COLOUR = {"brightness": (1, 1), "contrast": (1, 1), "saturation": (1, 1), "hue": (0, 0)}
@@ -28,6 +28,9 @@ NO_CROP = {"crop_thresholds": (0.0,), "crop_scaling": (1.0, 1.0)}
 
 
 def _train(root, split="train", **kw):
+    """The training pipeline; keyword arguments that are Augmentation fields go into its augmentation."""
+    fields = set(Augmentation.__dataclass_fields__)
+    augmentation = Augmentation(**{k: kw.pop(k) for k in list(kw) if k in fields})
     args = dict(
         images_dir=str(image_dir(root, split)),
         annotation_file=str(ann_file(root, split)),
@@ -38,6 +41,7 @@ def _train(root, split="train", **kw):
         seed=1,
         shuffle_seed=0,
         return_image_ids=True,
+        augmentation=augmentation,
     )
     args.update(kw)
     return train_pipeline(**args)

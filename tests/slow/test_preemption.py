@@ -128,6 +128,33 @@ def test_kill_9_during_a_checkpoint_write_then_resume(synthetic_coco, tmp_path, 
     assert final["epoch"] == EPOCHS - 1 and final["global_step"] == EPOCHS * STEPS_PER_EPOCH
 
 
+def test_kill_9_mid_training_then_resume_equals_the_uninterrupted_run(
+    synthetic_coco, tmp_path, monkeypatch, caplog
+):
+    """kill -9 (the process group: DALI threads and all) at an arbitrary moment of epoch 1: the last complete
+    checkpoint is epoch 0's; resuming from it re-runs epoch 1 with the same data order and ends with the
+    weights of a run that was never killed."""
+    killed = tmp_path / "killed"
+    proc = _start(tmp_path, f"data.root={synthetic_coco}", f"hydra.run.dir={killed}")
+    _wait_for((killed / "checkpoints" / "last.ckpt").exists, proc, "the first checkpoint")
+    time.sleep(1.5)  # inside epoch 1
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    last = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert STEPS_PER_EPOCH <= last["global_step"] < EPOCHS * STEPS_PER_EPOCH
+
+    monkeypatch.delenv("SSD_LIGHTNING_RESUME_LAST", raising=False)
+    with caplog.at_level(logging.INFO, logger="ssd_lightning"):
+        resumed = _resume(killed, f"data.root={synthetic_coco}", "ckpt_path=last")["model"]
+    assert f"resuming from {killed / 'checkpoints' / 'last.ckpt'}" in caplog.text
+    uninterrupted = _resume(tmp_path / "full", f"data.root={synthetic_coco}")["model"]
+    a, b = resumed.state_dict(), uninterrupted.state_dict()
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    assert resumed.trainer.global_step == uninterrupted.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+
+
 SLURM_ENV = {
     "SLURM_NTASKS": "1",
     "SLURM_NTASKS_PER_NODE": "1",
