@@ -325,6 +325,7 @@ def _nms(table: _GroupTable, iou_threshold: float, method: str, max_pairs: int |
         start = wide
         method = "sequential"
     budget = int(max_pairs) if max_pairs else _pair_budget(device)
+    valid = table.valid
     while start < num_groups:
         w = sizes[start]
         stop = start + 1
@@ -333,7 +334,7 @@ def _nms(table: _GroupTable, iou_threshold: float, method: str, max_pairs: int |
             stop += 1
         keep[start:stop, :w] = greedy_nms_padded(
             suppression_matrix(table.boxes[start:stop, :w], iou_threshold),
-            table.valid[start:stop, :w],
+            valid[start:stop, :w],
             method,
             sizes[start:stop],
         )
