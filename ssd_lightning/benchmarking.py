@@ -11,10 +11,13 @@ switches of :mod:`ssd_lightning.fastpath`). Each mode warms up, then times ``ben
   ``warmup + repeats * steps_per_repeat`` steps with validation, checkpoints, loggers and the progress bar
   off. :class:`StepTimer` takes the time between the ends of batches (data loading included), synchronising
   the device only at the sample boundaries. ``trainer.devices>1`` runs DDP; images/s is then global.
+  ``benchmark.input=synthetic`` feeds the same step with one batch made on the device (random images, random
+  targets in the ``box_encoder`` format) instead of DALI: the model, loss and optimizer alone, and no DALI
+  needed.
 * ``inference``: end to end, input on the device -> detections (network + decode + NMS + top-k, as
   ``SSD300.detect``), one synchronised latency per batch; p50/p99 latency and images/s. ``benchmark.input``:
-  ``synthetic`` (random images already on the device) or ``dali`` (batches of the DALI validation pipeline;
-  loading included in the time).
+  ``synthetic`` (random images already on the device; the default here) or ``dali`` (batches of the DALI
+  validation pipeline; loading included in the time).
 * ``data``: the data module's train (and/or val) loader alone, images/s.
 * ``eval``: :func:`ssd_lightning.evaluation.evaluate_detections` on a generated COCO-val-sized set
   (``benchmark.eval.images`` images, ``detections_per_image`` detections each), images/s per back end, and a
@@ -59,6 +62,7 @@ from ssd_lightning.postprocess import POSTPROCESS_NMS_METHODS, postprocess
 
 __all__ = [
     "MODES",
+    "DeviceBatches",
     "PeakMemory",
     "StepTimer",
     "format_results",
@@ -256,8 +260,12 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"fastpath.nms_method={fast['nms_method']}: use one of {', '.join(POSTPROCESS_NMS_METHODS)}"
         )
-    if bench.get("input", "synthetic") not in ("synthetic", "dali"):
-        raise ConfigError(f"benchmark.input={bench['input']}: use synthetic or dali")
+    if bench.get("input") not in (None, "synthetic", "dali"):
+        raise ConfigError(
+            f"benchmark.input={bench['input']}: use synthetic or dali (null: the mode's default)"
+        )
+    if bench.get("input") is None:
+        bench["input"] = "dali" if str(cfg.get("mode")) == "train" else "synthetic"
     sizes = bench.get("batch_sizes")
     if sizes is None:
         sizes = [int(cfg.data.batch_size)]
@@ -377,9 +385,13 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
     bench, fast = settings["benchmark"], settings["fastpath"]
     cfg = _with(cfg, **{"data.batch_size": batch_size, "model.channels_last": bool(fast["channels_last"])})
     seed = pl.seed_everything(cfg.get("seed") if cfg.get("seed") is not None else 0, workers=True)
-    cli.prepare_synthetic(cfg)
-    datamodule = cli.build_datamodule(cfg, seed)
-    module = cli.build_module(cfg, datamodule)
+    if bench["input"] == "synthetic":
+        datamodule = None
+        module = _synthetic_input_module(cfg, bench)
+    else:
+        cli.prepare_synthetic(cfg)
+        datamodule = cli.build_datamodule(cfg, seed)
+        module = cli.build_module(cfg, datamodule)
     device = resolve_device(cfg.trainer.get("accelerator"))
     count_syncs = bool(bench.get("count_syncs", True)) and not fast["compile"] and not fast["compile_loss"]
     timer = StepTimer(bench["warmup"], bench["repeats"], bench["steps_per_repeat"], device, count_syncs)
@@ -411,7 +423,10 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
         benchmark=fast["cudnn_benchmark"],
     )
     with cli._JobScope():
-        trainer.fit(module, datamodule=datamodule)
+        if datamodule is None:
+            trainer.fit(module, train_dataloaders=DeviceBatches(module, batch_size, timer.total_steps))
+        else:
+            trainer.fit(module, datamodule=datamodule)
     if trainer.global_step < timer.total_steps or len(timer.sample_seconds) < bench["repeats"]:
         raise ConfigError(
             f"training stopped after {trainer.global_step} of {timer.total_steps} steps; lower "
@@ -429,6 +444,7 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
         "device": str(trainer.strategy.root_device),
         "strategy": type(trainer.strategy).__name__,
         "precision": str(trainer.precision),
+        "input": bench["input"],
         "data_device": getattr(datamodule, "_runtime", {}).get("decode")
         if getattr(datamodule, "_runtime", None)
         else None,
@@ -440,6 +456,58 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
         "host_syncs_per_step": timer.syncs if count_syncs else None,
     }
     return record, trainer.is_global_zero
+
+
+def _synthetic_input_module(cfg: DictConfig, bench: dict[str, Any]) -> pl.LightningModule:
+    """``SSDModule`` of ``cfg.model``/``cfg.optim`` without a data set (``model.num_classes`` or
+    ``benchmark.num_classes`` classes)."""
+    import hydra
+
+    num_classes = cfg.model.get("num_classes") or bench.get("num_classes") or 81
+    optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") is not None else {}
+    return hydra.utils.instantiate(
+        cfg.model,
+        _convert_="all",
+        num_classes=int(num_classes),
+        batch_size=int(cfg.data.batch_size),
+        backbone_weights=None,
+        **optim,
+    )
+
+
+class DeviceBatches:
+    """``steps`` training batches made once on the module's device and yielded again and again: what
+    ``COCODataModule`` yields (``images`` [N, 3, 300, 300] float32, ``boxes`` [N, 8732, 4] xywh, ``labels``
+    [N, 8732] int64), without decoding or augmentation. About 1 % of the default boxes are positives with a
+    random class and a box near the default box; the loss costs the same whatever the values.
+    """
+
+    def __init__(self, module: pl.LightningModule, batch_size: int, steps: int) -> None:
+        self.module = module
+        self.batch_size = int(batch_size)
+        self.steps = int(steps)
+        self._batch: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _make(self, device: torch.device) -> dict[str, torch.Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        anchors = self.module.model.default_boxes.xywh  # [A, 4]
+        n, a = self.batch_size, anchors.shape[0]
+        positive = torch.rand(n, a, generator=g) < 0.01
+        classes = int(self.module.hparams.num_classes)
+        labels = torch.randint(1, classes, (n, a), generator=g) * positive
+        jitter = 1 + 0.1 * torch.randn(n, a, 4, generator=g)
+        boxes = torch.where(positive[..., None], anchors * jitter, anchors)
+        images = torch.randn(n, 3, 300, 300, generator=g)
+        return {"images": images.to(device), "boxes": boxes.to(device), "labels": labels.to(device)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._batch is None:  # iterated once Lightning has put the module on its device
+            self._batch = self._make(self.module.device)
+        for _ in range(self.steps):
+            yield self._batch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -814,7 +882,8 @@ def format_results(result: dict[str, Any]) -> str:
         ips = r["images_per_s"]
         name = r["mode"]
         if r["mode"] == "train":
-            name += f" x{r['world_size']} ({r.get('data_device') or '?'} data)"
+            source = "synthetic" if r.get("input") == "synthetic" else r.get("data_device") or "?"
+            name += f" x{r['world_size']} ({source} data)"
         elif r["mode"] == "data":
             name += f" {r['split']} ({r.get('data_device')}, {r.get('num_threads')} threads)"
         elif r["mode"] == "eval":

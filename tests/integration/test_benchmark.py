@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssd_lightning.benchmarking import percentile, run_benchmark, summarize
 from ssd_lightning.cli import ConfigError
@@ -74,6 +75,76 @@ def test_train_mode_times_the_lightning_step_on_dali(synthetic_coco, tmp_path):
         )
     assert result["settings"]["fastpath"]["channels_last"] is True
     assert "| train x1 (cpu data) | 2 |" in stdout and "| train x1 (cpu data) | 4 |" in stdout
+
+
+# Runs a script with every ``nvidia.dali`` import failing, as on a machine without DALI.
+NO_DALI = """
+import runpy, sys
+class NoDali:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ImportError("No module named " + repr(name))
+sys.meta_path.insert(0, NoDali())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_train_mode_on_device_made_batches_needs_no_dali(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_DALI,
+            str(REPO / "benchmark.py"),
+            "mode=train",
+            "benchmark.input=synthetic",
+            "experiment=quickstart",
+            "trainer.precision=32-true",
+            "model.num_classes=5",
+            "benchmark.batch_sizes=[2]",
+            "benchmark.warmup=2",
+            "benchmark.repeats=2",
+            "benchmark.steps_per_repeat=1",
+            "benchmark.threads=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    _check_common(result, "train", runs=1)
+    (run,) = result["runs"]
+    assert run["input"] == "synthetic" and run["steps"] == {"warmup": 2, "timed": 2}
+    assert "| train x1 (synthetic data) | 2 |" in proc.stdout
+
+
+def test_device_made_batches_have_the_data_module_format(synthetic_coco, tmp_path):
+    from ssd_lightning.benchmarking import DeviceBatches
+    from ssd_lightning.data import COCODataModule
+    from ssd_lightning.module import SSDModule
+
+    datamodule = COCODataModule(
+        root=synthetic_coco, batch_size=2, num_threads=1, device="cpu", precision="32"
+    )
+    datamodule.setup("fit")
+    real = next(iter(datamodule.train_dataloader()))
+    module = SSDModule(backbone="resnet18", num_classes=4)
+    made = list(DeviceBatches(module, batch_size=2, steps=3))
+    assert len(made) == 3 and made[0] is made[2]  # one batch, made once
+    batch = made[0]
+    for key in ("images", "boxes", "labels"):
+        assert batch[key].shape == real[key].shape and batch[key].dtype == real[key].dtype, key
+    positives = batch["labels"] > 0
+    assert 0.005 < positives.float().mean() < 0.02 and int(batch["labels"].max()) <= 3
+    anchors = module.model.default_boxes.xywh
+    # background rows hold the default box itself, as box_encoder writes them
+    assert torch.equal(batch["boxes"][~positives], anchors.expand(2, -1, -1)[~positives])
+    loss = module.loss(*module.model(batch["images"]), batch["boxes"].transpose(1, 2), batch["labels"].long())
+    assert torch.isfinite(loss) and loss > 0
 
 
 def test_inference_mode_end_to_end_with_nms(tmp_path):
