@@ -387,7 +387,7 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
     seed = pl.seed_everything(cfg.get("seed") if cfg.get("seed") is not None else 0, workers=True)
     if bench["input"] == "synthetic":
         datamodule = None
-        module = _synthetic_input_module(cfg, bench)
+        module = cli.instantiate_module(cfg, _classes_without_data(cfg, bench), backbone_weights=None)
     else:
         cli.prepare_synthetic(cfg)
         datamodule = cli.build_datamodule(cfg, seed)
@@ -458,21 +458,10 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
     return record, trainer.is_global_zero
 
 
-def _synthetic_input_module(cfg: DictConfig, bench: dict[str, Any]) -> pl.LightningModule:
-    """``SSDModule`` of ``cfg.model``/``cfg.optim`` without a data set (``model.num_classes`` or
-    ``benchmark.num_classes`` classes)."""
-    import hydra
-
-    num_classes = cfg.model.get("num_classes") or bench.get("num_classes") or 81
-    optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") is not None else {}
-    return hydra.utils.instantiate(
-        cfg.model,
-        _convert_="all",
-        num_classes=int(num_classes),
-        batch_size=int(cfg.data.batch_size),
-        backbone_weights=None,
-        **optim,
-    )
+def _classes_without_data(cfg: DictConfig, bench: dict[str, Any]) -> int:
+    """Classes of a network built without a data set: ``model.num_classes``, else ``benchmark.num_classes``
+    (81 unless set)."""
+    return int(cfg.model.get("num_classes") or bench.get("num_classes") or 81)
 
 
 class DeviceBatches:
@@ -523,9 +512,8 @@ def _inference_model(cfg: DictConfig, bench: dict[str, Any]) -> torch.nn.Module:
         from ssd_lightning.checkpoints import load_model
 
         return load_model(str(ckpt_path))
-    num_classes = cfg.model.get("num_classes") or bench.get("num_classes") or 81
     torch.manual_seed(int(cfg.get("seed") or 0))
-    return SSD300(str(cfg.model.backbone), int(num_classes), backbone_weights=None).eval()
+    return SSD300(str(cfg.model.backbone), _classes_without_data(cfg, bench), backbone_weights=None).eval()
 
 
 def _batches_forever(loader: Any) -> Iterator[dict[str, torch.Tensor]]:

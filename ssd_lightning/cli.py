@@ -302,14 +302,24 @@ def build_module(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
             f"model.num_classes={num_classes} but the data set has {data_classes - 1} categories "
             f"({data_classes} classes with the background): leave model.num_classes unset (null)"
         )
+    return instantiate_module(
+        cfg,
+        int(num_classes),
+        category_ids=[int(i) for i in categories.dataset_ids],
+        class_names=[str(n) for n in categories.names],
+    )
+
+
+def instantiate_module(cfg: DictConfig, num_classes: int, **kwargs: Any) -> pl.LightningModule:
+    """``cfg.model`` with ``cfg.optim``, ``num_classes`` classes and the per-device ``cfg.data.batch_size``;
+    ``kwargs`` override model keys."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") is not None else {}
     return hydra.utils.instantiate(
         cfg.model,
         _convert_="all",
         num_classes=int(num_classes),
-        category_ids=[int(i) for i in categories.dataset_ids],
-        class_names=[str(n) for n in categories.names],
         batch_size=int(cfg.data.batch_size),
+        **kwargs,
         **optim,
     )
 
