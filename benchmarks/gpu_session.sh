@@ -10,7 +10,7 @@
 #       --platform manylinux2014_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3     # sdist only: build the wheel
 # Then the device call:  command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=580.
-# The JSON of every run comes back flat under $OUT. Without a GPU, `SMOKE=1 bash benchmarks/gpu_session.sh`
+# $OUT gets results.tar (the JSON of every run), train_profile.txt, postprocess.md and gpu.txt. Without a GPU, `SMOKE=1 bash benchmarks/gpu_session.sh`
 # runs the same commands on the CPU with tiny sizes (checks that they compose and run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,12 +33,14 @@ else
     PP_ARGS="--device cuda --batch 64 --repeats 5 --nvidia-repeats 1 --case realistic"
 fi
 
-bench() {  # bench NAME OVERRIDES...: one benchmark.py run, its JSON copied to $OUT/NAME.json
+mkdir -p "$RUNS/json"
+bench() {  # bench NAME OVERRIDES...: one benchmark.py run; its JSON goes into $OUT/results.tar as NAME.json
     local name=$1
     shift
     echo "=== $name: python benchmark.py $*"
     timeout 240 python3 benchmark.py "$@" "hydra.run.dir=$RUNS/$name" 2>&1 | grep -v "^\[rank\|LOCAL_RANK" | tail -8
-    cp "$RUNS/$name/benchmark.json" "$OUT/$name.json" 2>/dev/null || echo "=== $name: no benchmark.json"
+    cp "$RUNS/$name/benchmark.json" "$RUNS/json/$name.json" 2>/dev/null || echo "=== $name: no benchmark.json"
+    tar -C "$RUNS/json" -cf "$OUT/results.tar" .
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
@@ -49,6 +51,10 @@ TRAIN="mode=train benchmark.input=synthetic $DEVICE data.batch_size=$TRAIN_BATCH
 bench train_off $TRAIN fastpath.channels_last=false fastpath.optimizer=auto fastpath.cudnn_benchmark=false
 bench train_on $TRAIN fastpath.channels_last=true fastpath.optimizer=fused fastpath.cudnn_benchmark=true
 bench train_on_compile $TRAIN fastpath.channels_last=true fastpath.optimizer=fused fastpath.compile=true
+# where the time of a step goes: torch.profiler's operator and kernel table of the fast-path step
+bench train_profile $TRAIN fastpath.channels_last=true fastpath.optimizer=fused benchmark.profiler=pytorch \
+    benchmark.repeats=1
+cp "$RUNS"/train_profile/fit-profile_b*.txt "$OUT/train_profile.txt" 2>/dev/null
 # inference end to end with NMS, batch 64 (random weights: denser NMS than a trained network)
 INFER="mode=inference $DEVICE $STEPS"
 bench infer_on $INFER "benchmark.batch_sizes=[$INFER_BATCH]" fastpath.channels_last=true

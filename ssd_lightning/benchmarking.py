@@ -266,6 +266,8 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
         )
     if bench.get("input") is None:
         bench["input"] = "dali" if str(cfg.get("mode")) == "train" else "synthetic"
+    if bench.get("profiler") not in (None, "simple", "pytorch"):
+        raise ConfigError(f"benchmark.profiler={bench['profiler']}: use simple, pytorch or null")
     sizes = bench.get("batch_sizes")
     if sizes is None:
         sizes = [int(cfg.data.batch_size)]
@@ -393,7 +395,10 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
         datamodule = cli.build_datamodule(cfg, seed)
         module = cli.build_module(cfg, datamodule)
     device = resolve_device(cfg.trainer.get("accelerator"))
-    count_syncs = bool(bench.get("count_syncs", True)) and not fast["compile"] and not fast["compile_loss"]
+    # the counter's dispatch mode would slow the compiled graph down and show up in torch.profiler's table
+    count_syncs = bool(bench.get("count_syncs", True)) and not (
+        fast["compile"] or fast["compile_loss"] or bench.get("profiler") == "pytorch"
+    )
     timer = StepTimer(bench["warmup"], bench["repeats"], bench["steps_per_repeat"], device, count_syncs)
     callbacks = [
         FastPathCallback(
@@ -421,6 +426,7 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
         enable_progress_bar=False,
         enable_model_summary=False,
         benchmark=fast["cudnn_benchmark"],
+        profiler=_profiler(bench.get("profiler"), Path(cfg.paths.output_dir), batch_size, device),
     )
     with cli._JobScope():
         if datamodule is None:
@@ -455,7 +461,40 @@ def _bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> 
         "memory_per_rank": timer.all_memory,
         "host_syncs_per_step": timer.syncs if count_syncs else None,
     }
+    if bench.get("profiler"):
+        record["profile"] = _profile_summary(trainer.profiler)
     return record, trainer.is_global_zero
+
+
+def _profiler(kind: str | None, out_dir: Path, batch_size: int, device: torch.device) -> Any:
+    """Lightning's ``simple`` profiler (host time per loop action: how long each step waited for its batch)
+    or ``pytorch`` (``torch.profiler``: operators and kernels), reporting to
+    ``<run dir>/fit-profile_b<N>.txt``; None: no profiler."""
+    if kind is None:
+        return None
+    from pytorch_lightning.profilers import PyTorchProfiler, SimpleProfiler
+
+    name = f"profile_b{batch_size}"
+    if kind == "simple":
+        return SimpleProfiler(dirpath=out_dir, filename=name)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return PyTorchProfiler(dirpath=out_dir, filename=name, sort_by_key=key, row_limit=30)
+
+
+def _profile_summary(profiler: Any) -> dict[str, Any]:
+    """The report file and, from the ``simple`` profiler, the median host time per step spent waiting for the
+    batch (``train_dataloader_next``) and running it (``run_training_batch``; on a GPU the launch time, since
+    the device is not synchronised inside a sample), and the waiting share."""
+    summary: dict[str, Any] = {"file": str(Path(profiler.dirpath) / f"fit-{profiler.filename}.txt")}
+    durations = getattr(profiler, "recorded_durations", None)
+    if durations:
+        wait = durations.get("[_TrainingEpochLoop].train_dataloader_next") or []
+        run = durations.get("run_training_batch") or []
+        if wait and run:
+            summary["data_wait_ms_median"] = 1000 * statistics.median(wait)
+            summary["training_batch_ms_median"] = 1000 * statistics.median(run)
+            summary["data_wait_share"] = sum(wait) / (sum(wait) + sum(run))
+    return summary
 
 
 def _classes_without_data(cfg: DictConfig, bench: dict[str, Any]) -> int:

@@ -58,10 +58,16 @@ def test_train_mode_times_the_lightning_step_on_dali(synthetic_coco, tmp_path):
             "benchmark.steps_per_repeat=1",
             "fastpath.optimizer=foreach",
             "fastpath.channels_last=true",
+            "benchmark.profiler=simple",
         ],
         tmp_path,
     )
     _check_common(result, "train", runs=2)
+    for run in result["runs"]:  # Lightning's simple profiler: one report per batch size, and the data wait
+        profile = run["profile"]
+        assert profile["file"] == str(tmp_path / f"fit-profile_b{run['batch_size']}.txt")
+        assert "train_dataloader_next" in Path(profile["file"]).read_text()
+        assert 0 < profile["data_wait_share"] < 1 and profile["training_batch_ms_median"] > 0
     assert [r["batch_size"] for r in result["runs"]] == [2, 4]
     for run in result["runs"]:
         assert run["world_size"] == 1 and run["precision"] == "32-true" and run["data_device"] == "cpu"
@@ -267,6 +273,7 @@ def test_user_errors_are_one_line(tmp_path, override, fragment):
     [
         ("benchmark.repeats=0", "benchmark.repeats=0"),
         ("fastpath.nms_method=magic", "fastpath.nms_method=magic"),
+        ("benchmark.profiler=magic", "benchmark.profiler=magic"),
     ],
 )
 def test_bad_settings_raise_config_errors(tmp_path, override, fragment):
