@@ -336,9 +336,10 @@ class SSDModule(pl.LightningModule):
             self.log("loss", loss, **bar)
             return
         landed = self._loss_on_host
-        if landed is not None and landed[1].query():  # the copy has finished: reading it does not wait
+        done = landed is not None and landed[1].query()  # the copy has finished: reading it does not wait
+        if done:
             self.log("loss", landed[0], **bar)
-        if landed is None or landed[1].query():
+        if landed is None or done:
             event = torch.Event(loss.device)
             host = loss.float().to("cpu", non_blocking=True)  # pinned, asynchronous
             event.record()

@@ -34,6 +34,20 @@ def _run(overrides: list[str], run_dir: Path) -> tuple[dict, str]:
     return written, out.getvalue()
 
 
+def _benchmark_py(out: Path, *overrides: str, via: tuple[str, ...] = (), timeout: int = 600):
+    """``python [via...] benchmark.py overrides`` in a subprocess writing to ``out``; (process, JSON)."""
+    proc = subprocess.run(
+        [sys.executable, *via, str(REPO / "benchmark.py"), *overrides, f"hydra.run.dir={out}"],
+        cwd=out.parent,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads((out / "benchmark.json").read_text())
+
+
 def _check_common(result: dict, mode: str, runs: int) -> None:
     assert result["mode"] == mode
     machine = result["machine"]
@@ -97,31 +111,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_train_mode_on_device_made_batches_needs_no_dali(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            NO_DALI,
-            str(REPO / "benchmark.py"),
-            "mode=train",
-            "benchmark.input=synthetic",
-            "experiment=quickstart",
-            "trainer.precision=32-true",
-            "model.num_classes=5",
-            "benchmark.batch_sizes=[2]",
-            "benchmark.warmup=2",
-            "benchmark.repeats=2",
-            "benchmark.steps_per_repeat=1",
-            "benchmark.threads=1",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    proc, result = _benchmark_py(
+        tmp_path / "run",
+        "mode=train",
+        "benchmark.input=synthetic",
+        "experiment=quickstart",
+        "trainer.precision=32-true",
+        "model.num_classes=5",
+        "benchmark.batch_sizes=[2]",
+        "benchmark.warmup=2",
+        "benchmark.repeats=2",
+        "benchmark.steps_per_repeat=1",
+        "benchmark.threads=1",
+        via=("-c", NO_DALI),
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads((tmp_path / "benchmark.json").read_text())
     _check_common(result, "train", runs=1)
     (run,) = result["runs"]
     assert run["input"] == "synthetic" and run["steps"] == {"warmup": 2, "timed": 2}
@@ -284,26 +287,15 @@ def test_bad_settings_raise_config_errors(tmp_path, override, fragment):
 
 
 def test_benchmark_py_entry_point_writes_json(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmark.py"),
-            "mode=eval",
-            "benchmark.eval.images=20",
-            "benchmark.eval.detections_per_image=10",
-            "benchmark.warmup=0",
-            "benchmark.repeats=2",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
+    proc, result = _benchmark_py(
+        tmp_path / "run",
+        "mode=eval",
+        "benchmark.eval.images=20",
+        "benchmark.eval.detections_per_image=10",
+        "benchmark.warmup=0",
+        "benchmark.repeats=2",
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "benchmark.json").read_text())
     assert result["mode"] == "eval" and result["runs"][0]["steps"]["timed"] == 2
     assert "mode=eval" in result["overrides"]
     assert "| eval faster_coco_eval | 20 |" in proc.stdout
@@ -311,30 +303,18 @@ def test_benchmark_py_entry_point_writes_json(tmp_path):
 
 @pytest.mark.slow
 def test_train_mode_with_two_ddp_processes(synthetic_coco, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmark.py"),
-            "mode=train",
-            *TINY_DATA,
-            f"data.root={synthetic_coco}",
-            "trainer.devices=2",
-            "data.batch_size=2",
-            "benchmark.warmup=1",
-            "benchmark.repeats=2",
-            "benchmark.steps_per_repeat=1",
-            "benchmark.count_syncs=false",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _, result = _benchmark_py(
+        tmp_path / "run",
+        "mode=train",
+        *TINY_DATA,
+        f"data.root={synthetic_coco}",
+        "trainer.devices=2",
+        "data.batch_size=2",
+        "benchmark.warmup=1",
+        "benchmark.repeats=2",
+        "benchmark.steps_per_repeat=1",
+        "benchmark.count_syncs=false",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((out / "benchmark.json").read_text())
     (run,) = result["runs"]
     assert run["world_size"] == 2 and run["global_batch_size"] == 4
     assert len(run["memory_per_rank"]) == 2 and run["images_per_s"]["median"] > 0
