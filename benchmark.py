@@ -18,15 +18,15 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ssd_lightning import cli
+from ssd_lightning.runtime.entry import run_entry_point, run_task
+from ssd_lightning.tasks.benchmark import run_benchmark
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
-    from ssd_lightning.benchmarking import run_benchmark
-
-    cli.main(run_benchmark, cfg)
+    run_task(run_benchmark, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra's config errors and the errors a user can cause end in one line: ssd_lightning.runtime.entry
+    run_entry_point(main)

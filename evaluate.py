@@ -15,16 +15,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ssd_lightning import cli
-from ssd_lightning.reliability import run_entry_point
+from ssd_lightning.runtime.entry import run_entry_point, run_task
+from ssd_lightning.tasks.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    metrics = cli.main(cli.evaluate, cfg)
+    metrics = run_task(evaluate, cfg)
     return metrics.get("AP")
 
 
 if __name__ == "__main__":
-    # Hydra's config errors (unknown key, unknown option) as one line: ssd_lightning.reliability
+    # Hydra's config errors and the errors a user can cause end in one line: ssd_lightning.runtime.entry
     run_entry_point(main)

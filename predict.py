@@ -15,15 +15,15 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ssd_lightning import cli
+from ssd_lightning.runtime.entry import run_entry_point, run_task
+from ssd_lightning.tasks.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from ssd_lightning.inference import predict
-
-    cli.main(predict, cfg)
+    run_task(predict, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra's config errors and the errors a user can cause end in one line: ssd_lightning.runtime.entry
+    run_entry_point(main)

@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from ssd_lightning.benchmarking import synthetic_coco_results
 from ssd_lightning.evaluation import METRIC_NAMES, evaluate_detections, format_table
+from ssd_lightning.tasks.benchmark.eval import synthetic_coco_results
 
 
 def run_backend(backend: str, gt: dict, rows: list[dict]) -> tuple[np.ndarray, dict[str, float]]:

@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 
 from ssd_lightning.boxes import ssd300_default_boxes
 from ssd_lightning.data import COCODataModule, write_synthetic_coco
-from ssd_lightning.data.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from ssd_lightning.images import IMAGENET_MEAN, IMAGENET_STD
 
 # ------------------------------------------------------------------------------------ torchvision side
 

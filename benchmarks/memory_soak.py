@@ -4,7 +4,7 @@ every epoch, validation gathers detections, checkpoints are written every epoch)
 
 The run is ``train.py experiment=quickstart`` (ResNet-18 SSD300 from scratch, batch 16, DALI CPU pipeline,
 bf16 where the CPU has it) on a smaller synthetic set so that 30 epochs fit in minutes on 2 cores, validating
-every 5 epochs (COCO evaluation included) and writing last.ckpt every epoch, in this process (cli.train).
+every 5 epochs (COCO evaluation included) and writing last.ckpt every epoch, in this process (train).
 
 Usage::
 
@@ -31,6 +31,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from ssd_lightning.tasks.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -114,12 +119,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of conf/train.yaml")
     args = parser.parse_args()
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from ssd_lightning import cli
-
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out.resolve()
@@ -148,7 +147,7 @@ def main() -> None:
     HydraConfig.instance().set_config(cfg)
 
     started = time.monotonic()
-    cli.train(cfg)
+    train(cfg)
     wall = time.monotonic() - started
 
     rows = list(csv.DictReader(open(csv_path)))

@@ -1,6 +1,6 @@
 """COCO bbox evaluation (the official protocol), the 12-line AP table and atomic JSON outputs.
 
-The flow, as NVIDIA SSD300 v1.1 evaluates (reference section 8):
+The flow, as NVIDIA SSD300 v1.1 evaluates (NVIDIA's ``PyTorch/Detection/SSD/ssd/evaluate.py``):
 
 1. ``SSD300.detect`` gives per image ``boxes [K,4]`` (l, t, r, b relative to the 300x300 squashed input, not
    clipped), ``scores [K]`` and contiguous ``labels [K]`` (1..C-1).
@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ __all__ = [
     "format_table",
     "load_annotations",
     "merge_detections",
-    "write_json_atomic",
 ]
 
 #: The 12 COCO bbox metrics, in the order of ``COCOeval.stats``.
@@ -219,9 +217,9 @@ def _check_backend(backend: str) -> None:
 
 def _coco_class(backend: str) -> type:
     if backend == "faster_coco_eval":
-        from faster_coco_eval import COCO
+        from faster_coco_eval import COCO  # lazy: only the chosen back end is loaded
     else:
-        from pycocotools.coco import COCO
+        from pycocotools.coco import COCO  # lazy: only the chosen back end is loaded
     return COCO
 
 
@@ -391,11 +389,11 @@ def evaluate_detections(
 
     dt = _load_results(gt, rows, backend)
     if backend == "faster_coco_eval":
-        from faster_coco_eval import COCOeval_faster
+        from faster_coco_eval import COCOeval_faster  # lazy: only the chosen back end is loaded
 
         coco_eval = COCOeval_faster(gt, dt, iouType="bbox", print_function=_silent)
     else:
-        from pycocotools.cocoeval import COCOeval
+        from pycocotools.cocoeval import COCOeval  # lazy: only the chosen back end is loaded
 
         coco_eval = COCOeval(gt, dt, iouType="bbox")
     coco_eval.params.imgIds = eval_ids
@@ -431,28 +429,3 @@ def format_table(metrics: Mapping[str, float] | Sequence[float]) -> str:
         if len(values) != len(METRIC_NAMES):
             raise ValueError(f"format_table: expected {len(METRIC_NAMES)} values, got {len(values)}")
     return "\n".join(_LINE.format(*row, value) for row, value in zip(_TABLE_ROWS, values, strict=True))
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically: the file is either the old one or the complete new one.
-
-    The JSON goes to a temporary file in the same directory (created with the process umask), is flushed and
-    fsynced, then ``os.replace``-d over ``path``. If serialisation fails (an object JSON cannot encode) or the
-    disk fills up, the temporary file is removed, ``path`` is left as it was and the error propagates.
-    Missing parent directories are created. Returns ``path`` as a ``Path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path

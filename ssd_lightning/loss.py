@@ -1,7 +1,7 @@
 """SSD MultiBox loss: smooth-L1 box regression on positives plus cross-entropy with hard negative mining.
 
-Reproduces NVIDIA SSD300 v1.1's ``Loss`` (DeepLearningExamples ``ssd/model.py``) value for value; see
-``reference/nvidia-ssd300-v1.1.md`` section 4.
+Reproduces NVIDIA SSD300 v1.1's ``Loss`` (DeepLearningExamples ``PyTorch/Detection/SSD/ssd/model.py``)
+value for value.
 """
 
 from __future__ import annotations

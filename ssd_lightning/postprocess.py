@@ -1,9 +1,11 @@
 """SSD post-processing: decode, per-class score filter, greedy NMS, per-image top-k, for a whole batch.
 
 Gives NVIDIA SSD300 v1.1's detections (DeepLearningExamples ``Encoder.decode_batch(ploc, plabel, criteria=0.5,
-max_output=200)``, reference section 3.3): per image and class, the scores above 0.05, the best 200, greedy
-NMS suppressing ``IoU >= 0.5`` with NVIDIA's float32 ``calc_iou_tensor`` arithmetic; then the best 200 of the
-image. The same float32 operations give the same bits, so the detections are NVIDIA's (tested bit for bit).
+max_output=200)``, NVIDIA's ``PyTorch/Detection/SSD/ssd/utils.py``): per image and class, the scores above
+0.05, the best 200, greedy NMS suppressing ``IoU >= 0.5`` with NVIDIA's float32 ``calc_iou_tensor``
+arithmetic; then the best 200 of the image. The same float32 operations give the same bits, so the detections
+are NVIDIA's (tested bit for bit).
+
 Differences, all documented:
 
 * The inputs are never modified (NVIDIA's ``scale_back_batch`` writes the decoded boxes into ``ploc``).

@@ -1,105 +1,26 @@
-"""Model size and cost, printed as the seed README does.
+"""``python -m ssd_lightning.summary [model.backbone=NAME] [model.num_classes=N] [ckpt_path=FILE]``.
 
-``Model FLOPs: 20.213G Params: 22.895M`` and
-``Model summary: 173 layers, 22894902 parameters, 22894902 gradients`` for the default SSD300 (ResNet-50,
-81 classes). The conventions reproduce those figures:
-
-* layers: ``len(list(model.modules()))``, every module including containers and the model itself (YOLOv5's
-  ``model_info`` convention): 143 leaf modules + 30 containers = 173 for SSD300-ResNet-50.
-* FLOPs: thop's convention (``thop.profile`` on the model in eval mode at 1x3x300x300), i.e. multiply-adds:
-  a convolution costs one per weight tap per output element plus one per output element for its bias, an
-  eval-mode BatchNorm two per element, ReLU/pooling/residual adds nothing. Counted with
-  :class:`torch.utils.flop_counter.FlopCounterMode` and custom formulas for convolution and batch norm
-  (its own formulas count a multiply-add as 2 FLOPs: 40.302G for SSD300-ResNet-50, of which
-  20.151G multiply-adds in convolutions; + 0.742M bias adds + 61.162M BN ops = 20.213G).
-
-Command line (Hydra-style ``key=value`` overrides of the ``model`` group, or a checkpoint)::
-
-    python -m ssd_lightning.summary                                   # SSD300-ResNet-50, 81 classes
-    python -m ssd_lightning.summary model.backbone=resnet18 model.num_classes=5
-    python -m ssd_lightning.summary ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
+Prints SSD300's layers, parameters and FLOPs (:mod:`ssd_lightning.model.summary`) for a backbone and class
+count or for a checkpoint. Overrides are parsed with Hydra's override grammar and errors end in one line, as
+in every script (:func:`ssd_lightning.runtime.entry.run_entry_point`).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-aten = torch.ops.aten
+from ssd_lightning.checkpoints import load_model
+from ssd_lightning.errors import ConfigError
+from ssd_lightning.model import SSD300
+from ssd_lightning.model.summary import model_summary
+from ssd_lightning.runtime.entry import run_entry_point
 
-
-@dataclass(frozen=True)
-class ModelSummary:
-    """Counts: modules (``layers``), parameters, trainable parameters (``gradients``), ``flops`` (thop)."""
-
-    layers: int
-    parameters: int
-    gradients: int
-    flops: int
-
-    def __str__(self) -> str:
-        return (
-            f"Model FLOPs: {_si(self.flops)} Params: {_si(self.parameters)}\n"
-            f"Model summary: {self.layers} layers, {self.parameters} parameters, {self.gradients} gradients"
-        )
-
-
-def model_summary(model: nn.Module, image_size: int = 300) -> ModelSummary:
-    """Summarise ``model``; FLOPs of one ``[1, 3, image_size, image_size]`` image (see the module doc)."""
-    return ModelSummary(
-        layers=len(list(model.modules())),
-        parameters=sum(p.numel() for p in model.parameters()),
-        gradients=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        flops=count_flops(model, image_size),
-    )
-
-
-def count_flops(model: nn.Module, image_size: int = 300) -> int:
-    """thop-convention FLOPs (multiply-adds) of one eval-mode forward pass on a ``[1,3,S,S]`` input."""
-    param = next(model.parameters())
-    images = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
-    mapping = {aten.convolution: _conv_macs, aten._convolution: _conv_macs}
-    # FlopCounterMode looks an op up by overload (else decomposes it) and then counts it by packet: key both.
-    for packet in (aten.native_batch_norm, aten._native_batch_norm_legit_no_training, aten.cudnn_batch_norm):
-        mapping |= {packet: _bn_ops, packet.default: _bn_ops}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-            model(images)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
-
-
-def _conv_macs(
-    x_shape, w_shape, bias, stride, padding, dilation, transposed, *args, out_shape=None, **kwargs
-):
-    macs = conv_flop_count(x_shape, w_shape, out_shape, transposed=transposed) // 2
-    return macs + (math.prod(out_shape) if bias is not None else 0)
-
-
-def _bn_ops(x_shape, *args, out_shape=None, **kwargs):
-    return 2 * math.prod(x_shape)
-
-
-def _si(value: float) -> str:
-    """thop's ``clever_format(..., "%.3f")``: 20212810000 -> '20.213G'."""
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if value > scale:
-            return f"{value / scale:.3f}{suffix}"
-    return f"{value:.3f}B"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# python -m ssd_lightning.summary
-# ----------------------------------------------------------------------------------------------------------
+__all__ = ["main"]
 
 USAGE = """usage: python -m ssd_lightning.summary [model.backbone=NAME] [model.num_classes=N] [ckpt_path=FILE]
 
@@ -108,69 +29,65 @@ Prints the layers, parameters and FLOPs (thop convention, one 300x300 image) of 
   model.num_classes   classes including the background (default 81, COCO; null: 81)
   ckpt_path           a train.py or NVIDIA checkpoint: its backbone and class count
 Other model.* keys of the model group (optimiser, thresholds, backbone_weights ...) do not change the
-summary and are ignored."""
+summary and are ignored.
 
-_DEFAULTS = {"backbone": "resnet50", "num_classes": 81}
-
-
-def _parse_overrides(argv: Sequence[str]) -> dict[str, str]:
-    """``key=value`` arguments (Hydra's ``+``/``++`` prefixes allowed) -> {key: value}; raises ValueError."""
-    values: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")
-        if not sep or not key:
-            raise ValueError(f"{arg!r} is not a key=value override (try model.backbone=resnet18)")
-        values[key] = value.strip().strip("'\"")
-    return values
+Examples:
+  python -m ssd_lightning.summary
+  python -m ssd_lightning.summary model.backbone=resnet18 model.num_classes=5
+  python -m ssd_lightning.summary ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt"""
 
 
-def _summary_model(values: dict[str, str]) -> tuple[nn.Module, str]:
-    from ssd_lightning.model import SSD300
+def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` arguments in Hydra's override grammar (``+``/``++`` prefixes allowed) -> {key: value}.
 
-    arch = dict(_DEFAULTS)
+    Raises:
+        hydra.errors.OverrideParseException: an argument Hydra cannot parse (one line via the entry point).
+    """
+    return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(list(argv))}
+
+
+def summary_model(values: dict[str, Any]) -> tuple[nn.Module, str]:
+    """The model ``values`` describe and its title line. Raises ConfigError naming the key and the fix."""
+    values = dict(values)
     ckpt_path = values.pop("ckpt_path", None)
+    arch: dict[str, Any] = {"backbone": "resnet50", "num_classes": 81}
     for key, value in values.items():
         if not key.startswith("model."):
-            raise ValueError(f"unknown key {key!r}: use model.backbone, model.num_classes or ckpt_path")
+            raise ConfigError(f"unknown key {key!r}: use model.backbone, model.num_classes or ckpt_path")
         name = key[len("model.") :]
         if name == "backbone":
-            arch["backbone"] = value
-        elif name == "num_classes":
-            if value.lower() not in ("null", "none", ""):
-                try:
-                    arch["num_classes"] = int(value)
-                except ValueError:
-                    raise ValueError(f"model.num_classes={value}: not an integer") from None
+            arch["backbone"] = str(value)
+        elif name == "num_classes" and value is not None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"model.num_classes={value}: not an integer")
+            arch["num_classes"] = value
     if ckpt_path:
         if any(k in values for k in ("model.backbone", "model.num_classes")):
-            raise ValueError("give either ckpt_path or model.backbone/model.num_classes, not both")
-        from ssd_lightning.checkpoints import load_model
-
-        model = load_model(ckpt_path)
+            raise ConfigError("give either ckpt_path or model.backbone/model.num_classes, not both")
+        model = load_model(str(ckpt_path))
         return (
             model,
             f"SSD300(backbone={model.backbone_name}, num_classes={model.num_classes}) from {ckpt_path}",
         )
-    model = SSD300(backbone=str(arch["backbone"]), num_classes=int(arch["num_classes"]))
+    try:
+        model = SSD300(backbone=arch["backbone"], num_classes=arch["num_classes"])
+    except ValueError as err:  # an unknown backbone, a class count below 2
+        raise ConfigError(str(err)) from None
     return model, f"SSD300(backbone={arch['backbone']}, num_classes={arch['num_classes']})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ssd_lightning.summary [overrides]``: print the summary; 0, or 2 with one error line."""
+    """Print the summary of the model ``argv`` describes; returns 0. Bad arguments raise (ConfigError,
+    CheckpointError, Hydra's OverrideParseException): :func:`run_entry_point` makes them one line, exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    try:
-        model, title = _summary_model(_parse_overrides(argv))
-    except ValueError as err:  # includes CheckpointError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, title = summary_model(parse_overrides(argv))
     print(title)
     print(model_summary(model), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry_point(main))

@@ -6,15 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from ssd_lightning.data.synthetic import write_synthetic_coco
+
 
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny synthetic COCO-format set in the seed layout (read-only: copy it before modifying anything).
+    """A tiny synthetic COCO-format set in the ``images/`` + ``annotations/`` layout (read-only: copy it
+    before modifying anything).
 
     16 train / 10 val JPEGs of 120-200 px, 3 categories with ids 3, 7, 11, non-contiguous image ids, one image
     without annotations per split. ``root/images/{train2017,val2017}``, ``root/annotations/instances_*.json``.
     """
-    from ssd_lightning.data.synthetic import write_synthetic_coco
 
     root = tmp_path_factory.mktemp("synthetic_coco")
     return write_synthetic_coco(root, num_train=16, num_val=10, seed=0, size_range=(120, 200), num_empty=1)

@@ -21,331 +21,43 @@ rank's CUDA device (or None on CPU). The iterables returned by the ``*_dataloade
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
-import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssd_lightning.boxes import ssd300_default_boxes
-from ssd_lightning.data.coco import (
-    CategoryMap,
+from ssd_lightning.categories import CategoryMap
+from ssd_lightning.data.annotations import (
     CocoAnnotations,
-    DataError,
-    DataWarning,
-    check_image_files,
-    dali_decode_error,
     read_annotations,
-    resolve_split_paths,
     warn_sanitised,
     write_reader_annotations,
 )
-from ssd_lightning.data.pipelines import READER_NAME, Augmentation, eval_pipeline, train_pipeline
-from ssd_lightning.data.synthetic import ensure_synthetic_coco
+from ssd_lightning.data.image_check import check_image_files
+from ssd_lightning.data.layout import resolve_split_paths
+from ssd_lightning.data.loaders import EvalLoader, TrainLoader, _DaliLoader
+from ssd_lightning.data.pipelines import Augmentation, eval_pipeline, train_pipeline
+from ssd_lightning.data.sharding import augmentation_seed, epoch_permutation, resolve_runtime, shard_range
+from ssd_lightning.data.synthetic import ensure_synthetic_coco_on_rank
+from ssd_lightning.errors import DataError, DataWarning
 
-__all__ = ["COCODataModule", "TrainLoader", "EvalLoader", "find_undecodable_image"]
+__all__ = ["COCODataModule"]
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------
-# DALI failures -> DataError
-
-
-def _dali_reason(exc: BaseException) -> str:
-    """The informative line of a DALI error (the message is a multi-line C++ report)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in lines:
-        for key in ("Error in thread", "Assert on", "nvImageCodec", "Failed to decode", "[/opt/dali"):
-            if key in ln and not ln.startswith("C++ context"):
-                return ln.split(": ", 1)[1] if ln.startswith("Error in thread") and ": " in ln else ln
-    return lines[-1] if lines else type(exc).__name__
-
-
-def _is_decode_failure(exc: BaseException) -> bool:
-    text = str(exc)
-    return any(k in text for k in ("decoders.image", "nvImageCodec", "decode", "Decode"))
-
-
-def find_undecodable_image(paths: Sequence[Path]) -> tuple[Path, str] | None:
-    """Decode ``paths`` one by one with DALI's own CPU decoder; the first failing (path, reason), or None."""
-    for p in paths:
-        reason = dali_decode_error(p)
-        if reason is not None:
-            return Path(p), reason
-    return None
-
-
-class _DaliLoader:
-    """Shared part of the train/eval iterables: DALI iterator construction, DALI failures -> DataError."""
-
-    output_map: tuple[str, ...] = ()
-
-    def __init__(
-        self,
-        build_pipeline: Callable[[], Any],
-        split: str,
-        images_dir: Path,
-        candidate_files: Callable[[int], list[Path]],
-        cast: torch.dtype | None,
-    ) -> None:
-        self._build_pipeline = build_pipeline
-        self.split = split
-        self.images_dir = images_dir
-        self._candidates = candidate_files
-        self._cast = cast
-        self._pipe = None
-        self._it = None
-        self._position = 0  # samples consumed in the current DALI epoch (to locate a decode failure)
-
-    def _fail(self, exc: BaseException) -> DataError:
-        self.release()
-        if _is_decode_failure(exc):
-            candidates = self._candidates(self._position)
-            if len(candidates) > 500:
-                log.warning(
-                    "DALI could not decode an image of the %s split; decoding %d candidate files to name it",
-                    self.split,
-                    len(candidates),
-                )
-            found = find_undecodable_image(candidates)
-            if found is not None:
-                path, reason = found
-                return DataError(
-                    f"cannot decode {path} ({reason}); replace the file or remove it from the {self.split} "
-                    "annotation file"
-                )
-        return DataError(
-            f"the DALI {self.split} pipeline over {self.images_dir} failed: {_dali_reason(exc)}; check the "
-            f"images and annotations of the {self.split} split"
-        )
-
-    def _build(self) -> None:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        self.release()
-        self._position = 0
-        try:
-            pipe = self._build_pipeline()
-            pipe.build()
-            self._pipe = pipe
-            self._it = DALIGenericIterator(
-                pipe,
-                list(self.output_map),
-                reader_name=READER_NAME,
-                last_batch_policy=LastBatchPolicy.PARTIAL,
-                auto_reset=False,
-            )
-        except RuntimeError as e:
-            raise self._fail(e) from None
-
-    def _next_raw(self) -> dict[str, torch.Tensor]:
-        """Next DALI batch of this pipeline; StopIteration at the end of the DALI epoch."""
-        try:
-            out = next(self._it)[0]
-        except StopIteration:
-            raise
-        except RuntimeError as e:
-            raise self._fail(e) from None
-        self._position += int(out["images"].shape[0])
-        return out
-
-    def _reset_epoch(self) -> None:
-        self._it.reset()
-        self._position = 0
-
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self._cast) if self._cast is not None else images
-
-    def release(self) -> None:
-        """Drop the DALI pipeline (it is rebuilt on the next ``iter()``)."""
-        self._it = None
-        self._pipe = None
-
-
-class TrainLoader(_DaliLoader):
-    """Training iterable: one epoch of ``len(self)`` full batches per ``iter()``.
-
-    Each ``iter()`` is one epoch ``e``: ``trainer.current_epoch`` when a trainer runs it (``epoch_source``),
-    else the number of earlier ``iter()`` calls. The DALI pipeline is rebuilt for every epoch by
-    ``build_epoch(e)`` (this rank's shard of the epoch's global permutation, augmentation seeded by epoch
-    and rank), so an epoch's data is a function of the seed and ``e`` alone: a run resumed at epoch ``e``
-    sees what the uninterrupted run saw. A partially consumed ``iter()`` (``limit_train_batches``,
-    ``max_steps``) is dropped; the next ``iter()`` starts the next epoch.
-
-    Lightning saves :meth:`state_dict` in checkpoints: after a mid-epoch resume (a preemption checkpoint) the
-    next ``iter()`` replays the epoch's first ``batches`` batches through the pipeline, drops them and yields
-    the rest, so the epoch continues with exactly the batches the uninterrupted run had.
-    """
-
-    output_map = ("images", "boxes", "labels")
-
-    def __init__(
-        self,
-        build_epoch: Callable[[int], Any],
-        *args,
-        batch_size: int,
-        num_batches: int,
-        with_image_ids: bool = False,
-        epoch_source: Callable[[], int | None] | None = None,
-        progress_source: Callable[[], int | None] | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(lambda: build_epoch(self.epoch), *args, **kwargs)
-        self.batch_size = batch_size
-        self.num_batches = num_batches
-        if with_image_ids:
-            self.output_map = (*self.output_map, "image_ids")
-        self._epoch_source = epoch_source
-        self._progress_source = progress_source
-        self.epoch = -1  # the epoch in flight (-1: none yet)
-        self._yielded = 0  # batches yielded in this epoch
-        self._resume: dict[str, int] | None = None
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        # a generator: nothing runs before the first batch is asked for (Lightning calls iter() to check)
-        epoch = self._epoch_source() if self._epoch_source is not None else None
-        self.epoch = int(epoch) if epoch is not None else self.epoch + 1
-        self._yielded = 0
-        self._build()
-        skip = 0
-        if self._resume is not None and self._resume["epoch"] == self.epoch:
-            skip = min(int(self._resume["batches"]), self.num_batches)
-        self._resume = None
-        if skip:
-            log.info("train epoch %d resumes at batch %d: replaying the batches before it", self.epoch, skip)
-        for _ in range(skip):
-            self._next_batch()
-        self._yielded = skip
-        for _ in range(self.num_batches - skip):
-            batch = self._next_batch()
-            self._yielded += 1
-            yield batch
-        self.release()  # the next epoch builds its own pipeline
-
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        while True:
-            try:
-                raw = self._next_raw()
-            except StopIteration:
-                raise RuntimeError(
-                    f"the DALI train pipeline of epoch {self.epoch} ended after {self._position} images, "
-                    f"before {self.num_batches} batches of {self.batch_size}"
-                ) from None
-            if raw["images"].shape[0] < self.batch_size:
-                continue  # the shard's last, partial batch (never reached: the shard has enough images)
-            batch = {
-                "images": self._images(raw["images"]),
-                "boxes": raw["boxes"],
-                "labels": raw["labels"].long(),
-            }
-            if "image_ids" in raw:
-                batch["image_ids"] = raw["image_ids"].reshape(-1).long()
-            return batch
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches"}``: the epoch in flight and how many of its batches were trained on (the
-        trainer's count when it runs this loader: Lightning fetches one batch ahead)."""
-        done = self._progress_source() if self._progress_source is not None else None
-        return {"epoch": int(self.epoch), "batches": int(done if done is not None else self._yielded)}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Resume epoch ``state["epoch"]`` after its first ``state["batches"]`` batches (next ``iter()``)."""
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
-
-
-class EvalLoader(_DaliLoader):
-    """Evaluation iterable: each ``iter()`` yields this rank's shard once, in order, without padding
-    samples."""
-
-    output_map = ("images", "image_ids")
-
-    def __init__(
-        self, *args, batch_size: int, shard_size: int, image_sizes: Mapping[int, tuple[int, int]], **kwargs
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.batch_size = batch_size
-        self.shard_size = shard_size
-        self._sizes = image_sizes
-        self._dirty = False  # the DALI epoch in flight was not finished
-        self._generation = 0
-
-    def __len__(self) -> int:
-        return math.ceil(self.shard_size / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self._epoch()
-
-    def _epoch(self) -> Iterator[dict[str, torch.Tensor]]:
-        self._generation += 1
-        generation = self._generation
-        if self.shard_size == 0:
-            return
-        if self._it is None or self._dirty:
-            self._build()
-        self._dirty = True
-        seen = 0
-        while seen < self.shard_size:
-            if generation != self._generation:
-                return  # a newer iter() took over the pipeline
-            try:
-                raw = self._next_raw()
-            except StopIteration:
-                raise RuntimeError(
-                    f"DALI {self.split} pipeline ended after {seen} of {self.shard_size} images"
-                ) from None
-            n = min(int(raw["images"].shape[0]), self.shard_size - seen)
-            if n == 0:
-                continue
-            seen += n
-            ids = raw["image_ids"][:n].reshape(-1).long().cpu()
-            batch = {
-                "images": self._images(raw["images"][:n]),
-                "image_ids": ids,
-                "image_sizes": torch.tensor([self._sizes[int(i)] for i in ids], dtype=torch.int64).reshape(
-                    -1, 2
-                ),
-            }
-            if seen >= self.shard_size:
-                self._finish()
-            yield batch
-
-    def _finish(self) -> None:
-        """Consume the padding left in the DALI epoch and reset, so the next ``iter()`` reuses the
-        pipeline."""
-        while True:
-            try:
-                self._next_raw()
-            except StopIteration:
-                break
-        self._reset_epoch()
-        self._dirty = False
-
-
-# ----------------------------------------------------------------------------------------------------
-# DataModule
-
-
 def _plain(v):
     """Hydra containers (ListConfig/DictConfig) to plain Python."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(v, DictConfig | ListConfig):
-            return OmegaConf.to_container(v, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(v, DictConfig | ListConfig):
+        return OmegaConf.to_container(v, resolve=True)
     return v
 
 
@@ -356,27 +68,6 @@ def _pair(v, name: str) -> tuple[float, float]:
     return float(v[0]), float(v[1])
 
 
-def shard_size(num_samples: int, shard_id: int, num_shards: int) -> int:
-    """Samples in DALI's shard ``shard_id`` of ``num_shards`` (contiguous, sizes differ by at most one)."""
-    return (num_samples * (shard_id + 1)) // num_shards - (num_samples * shard_id) // num_shards
-
-
-def shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:
-    return range((num_samples * shard_id) // num_shards, (num_samples * (shard_id + 1)) // num_shards)
-
-
-def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The global training order of epoch ``epoch`` (a permutation of ``range(num_samples)``, the same on
-    every rank and in every run with this ``seed``)."""
-    return np.random.default_rng([int(seed) % 2**63, int(epoch)]).permutation(num_samples)
-
-
-def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
-    """The DALI seed of rank ``rank``'s training pipeline in epoch ``epoch`` (independent draws per rank)."""
-    state = np.random.SeedSequence([int(seed) % 2**63, int(epoch), int(rank)]).generate_state(1)
-    return int(state[0]) % 2**31
-
-
 _NVIDIA = Augmentation()  # the default augmentation settings
 
 
@@ -385,7 +76,7 @@ class COCODataModule(pl.LightningDataModule):
 
     Args:
         root: dataset folder: ``images/{train2017,val2017}`` + ``annotations/instances_{train,val}2017.json``
-            (seed layout) or ``{train2017,val2017,annotations}`` (COCO layout).
+            (``images/`` layout) or ``{train2017,val2017,annotations}`` (COCO layout).
         train_images, train_annotations, val_images, val_annotations: per-split overrides (relative paths are
             relative to ``root``).
         batch_size: per-process training batch (as NVIDIA's ``--bs``); ``val_batch_size`` defaults to it.
@@ -514,10 +205,7 @@ class COCODataModule(pl.LightningDataModule):
             return
         if self.root is None:
             raise DataError("data.synthetic is set but data.root is not; set data.root=DIR to write it into")
-        try:
-            ensure_synthetic_coco(self.root, **self.synthetic)
-        except ValueError as e:
-            raise DataError(str(e)) from None
+        ensure_synthetic_coco_on_rank(self.root, self._global_rank(), **self.synthetic)
 
     def _split_paths(self, split: str) -> tuple[Path, Path]:
         if split not in self._paths:
@@ -593,6 +281,10 @@ class COCODataModule(pl.LightningDataModule):
             raise
         return self._annotations("train").categories
 
+    def categories_of(self, split: str) -> CategoryMap:
+        """Category map of one split's annotation file ("train" or "val"; parsed once, cached)."""
+        return self._annotations(split).categories
+
     @property
     def num_classes(self) -> int:
         """K + 1 (background included), for the model's ``num_classes``."""
@@ -623,52 +315,14 @@ class COCODataModule(pl.LightningDataModule):
         return int(trainer.global_rank) if trainer is not None else 0
 
     def _resolve_runtime(self) -> dict[str, Any]:
-        trainer = getattr(self, "trainer", None)
-        rank = self._global_rank()
-        world = (
-            int(self.num_shards) if self.num_shards is not None else (trainer.world_size if trainer else 1)
+        return resolve_runtime(
+            getattr(self, "trainer", None),
+            rank=self._global_rank(),
+            num_shards=self.num_shards,
+            device=self.device,
+            device_id=self.device_id,
+            precision=self.precision,
         )
-        if not 0 <= rank < world:
-            raise ValueError(f"shard_id {rank} is not in 0..{world - 1}")
-        local_rank = int(trainer.local_rank) if trainer is not None else 0
-        trainer_device = trainer.strategy.root_device if trainer is not None else None
-        if self.device == "auto":
-            use_gpu = (
-                trainer_device.type == "cuda" if trainer_device is not None else torch.cuda.is_available()
-            )
-        elif self.device in ("gpu", "cuda"):
-            if not torch.cuda.is_available():
-                raise DataError("data.device=gpu but no CUDA device is visible; set data.device=auto or cpu")
-            use_gpu = True
-        else:
-            use_gpu = False
-        device_id = None
-        if use_gpu:
-            if self.device_id is not None:
-                device_id = int(self.device_id)
-            elif (
-                trainer_device is not None
-                and trainer_device.type == "cuda"
-                and trainer_device.index is not None
-            ):
-                device_id = trainer_device.index
-            else:
-                device_id = local_rank
-        precision = str(self.precision if self.precision is not None else getattr(trainer, "precision", "32"))
-        if precision.startswith("bf16"):
-            dali_dtype, cast = "float32", torch.bfloat16
-        elif precision.startswith("16") or precision == "half":
-            dali_dtype, cast = "float16", None
-        else:
-            dali_dtype, cast = "float32", None
-        return {
-            "rank": rank,
-            "world": world,
-            "decode": "mixed" if use_gpu else "cpu",
-            "device_id": device_id,
-            "dtype": dali_dtype,
-            "cast": cast,
-        }
 
     def setup(self, stage: str | None = None) -> None:
         """Validate the splits needed by ``stage`` (annotations, image files) and resolve

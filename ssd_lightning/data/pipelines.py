@@ -19,8 +19,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import Pipeline
+try:  # only building a pipeline needs DALI: the data-free paths import this module on machines without it
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.pipeline import Pipeline
+except ImportError as err:  # e.g. benchmark.py benchmark.input=synthetic on a GPU machine without DALI
+    _NO_DALI: ImportError | None = err
+else:
+    _NO_DALI = None
+
+from ssd_lightning.images import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 
 __all__ = [
     "READER_NAME",
@@ -34,16 +41,14 @@ __all__ = [
 ]
 
 READER_NAME = "Reader"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # SSD random crop: minimum IoU with every kept box (0 = any crop); "no crop" is allow_no_crop=True.
 CROP_THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
-INPUT_SIZE = 300
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Training augmentation and box-matching settings; the defaults are NVIDIA SSD300 v1.1's (DALI-ex).
+    """Training augmentation and box-matching settings; the defaults are NVIDIA SSD300 v1.1's (the DALI SSD
+    example, NVIDIA/DALI's ``docs/examples/use_cases/pytorch/single_stage_detector/src/coco_pipeline.py``).
 
     Ranges are (low, high); a range with low == high turns that jitter off. ``hue`` is in degrees (NVIDIA's
     +-0.5 is practically off). ``mean``/``std`` are per RGB channel on the 0..1 scale (also used by the
@@ -62,6 +67,15 @@ class Augmentation:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     match_iou: float = 0.5
+
+
+def require_dali() -> None:
+    """Raise a one-line ``ImportError`` when NVIDIA DALI is not installed (pipelines cannot be built)."""
+    if _NO_DALI is not None:
+        raise ImportError(
+            f"NVIDIA DALI is not installed ({_NO_DALI}): pip install nvidia-dali-cuda120 "
+            "(its CPU pipelines run without a GPU)"
+        )
 
 
 def dali_dtype(name: str) -> types.DALIDataType:
@@ -107,7 +121,7 @@ def train_pipeline(
     return_image_ids: bool = False,
     file_names: Sequence[str] | None = None,
 ) -> Pipeline:
-    """NVIDIA SSD300 v1.1 training pipeline (DALI-ex ``coco_pipeline.py`` graph, ``fn`` API).
+    """NVIDIA SSD300 v1.1 training pipeline (the DALI SSD example's ``coco_pipeline.py`` graph, ``fn`` API).
 
     COCO reader (relative ltrb boxes, images without boxes skipped, the whole set re-shuffled after every
     epoch with ``shuffle_seed``, which must be equal on every shard so that the shards stay disjoint) -> SSD
@@ -131,6 +145,7 @@ def train_pipeline(
     one such pipeline per epoch, with the epoch's order and seed, so that an epoch's data does not depend on
     the epochs before it (exact resume).
     """
+    require_dali()
     gpu = decode_device == "mixed"
 
     @pipeline_def(
@@ -232,6 +247,7 @@ def eval_pipeline(
     so that ``DALIGenericIterator(reader_name=..., last_batch_policy=PARTIAL)`` can drop the padding), every
     epoch the same shard (``stick_to_shard``), so every image is seen exactly once per epoch over all shards.
     """
+    require_dali()
 
     @pipeline_def(
         batch_size=batch_size,

@@ -5,7 +5,7 @@ few classes of distinct shapes in distinct colours, 1-4 objects per image coveri
 on a lower-contrast cluttered background. It exercises what real COCO files do: JPEG images of varied sizes,
 non-contiguous category ids (3, 7, 11, ...), non-contiguous image ids and a few images without annotations.
 
-Layout written (the seed layout)::
+Layout written (the ``images/`` + ``annotations/`` layout, :mod:`ssd_lightning.data.layout`)::
 
     root/images/train2017/*.jpg    root/annotations/instances_train2017.json
     root/images/val2017/*.jpg      root/annotations/instances_val2017.json
@@ -18,11 +18,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ssd_lightning.errors import DataError
+from ssd_lightning.fileio import write_json_atomic
 
 __all__ = ["SYNTHETIC_CLASSES", "write_synthetic_coco", "ensure_synthetic_coco", "is_synthetic_complete"]
 
@@ -189,11 +194,7 @@ def _write_split(
         "annotations": annotations,
         "categories": categories,
     }
-    ann_dir = root / "annotations"
-    ann_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ann_dir / f".instances_{split}2017.json.tmp"
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, ann_dir / f"instances_{split}2017.json")
+    write_json_atomic(root / "annotations" / f"instances_{split}2017.json", doc)
 
 
 def write_synthetic_coco(
@@ -209,7 +210,8 @@ def write_synthetic_coco(
     num_empty: int | None = None,
     jpeg_quality: int = 90,
 ) -> Path:
-    """Write a synthetic COCO-format detection set under ``root`` (seed layout) and return ``root``.
+    """Write a synthetic COCO-format detection set under ``root`` (``images/`` + ``annotations/`` layout);
+    return ``root``.
 
     Args:
         root: output folder; ``images/{train2017,val2017}`` and ``annotations/instances_{train,val}2017.json``
@@ -281,3 +283,28 @@ def ensure_synthetic_coco(
     write_synthetic_coco(root, num_train, num_val, seed=seed, **kwargs)
     (root / MARKER).write_text(_marker_text(params))
     return root
+
+
+def ensure_synthetic_coco_on_rank(
+    root: str | os.PathLike, rank: int, timeout_s: float = 1800.0, **params: Any
+) -> Path:
+    """:func:`ensure_synthetic_coco` by global rank 0 only; every other rank waits for its marker file.
+
+    The one way the project writes the synthetic set (``experiment=quickstart``'s ``synthetic:`` and the data
+    module's ``synthetic=`` argument alike), so that DDP ranks never write the same files at once.
+
+    Raises:
+        DataError: the folder holds annotation files this generator did not write, or rank 0 did not finish
+            within ``timeout_s``.
+    """
+    if rank == 0:
+        try:
+            return ensure_synthetic_coco(root, **params)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    deadline = time.monotonic() + timeout_s
+    while not is_synthetic_complete(root, **params):
+        if time.monotonic() > deadline:
+            raise DataError(f"rank 0 did not finish writing the synthetic data set in {root}")
+        time.sleep(1.0)
+    return Path(root)

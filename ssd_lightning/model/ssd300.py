@@ -15,6 +15,7 @@ from torch import nn
 
 from ssd_lightning.boxes import DefaultBoxes, ssd300_default_boxes
 from ssd_lightning.model.backbone import ResNet
+from ssd_lightning.postprocess import postprocess
 
 EXTRA_MID_CHANNELS = (256, 256, 128, 128, 128)
 
@@ -103,8 +104,6 @@ class SSD300(nn.Module):
             one dict per image: ``boxes`` [K, 4] ltrb relative to the 300x300 input (not clipped), ``scores``
             [K], ``labels`` [K] int64 in 1..num_classes-1; sorted by score, K <= max_detections.
         """
-        from ssd_lightning.postprocess import postprocess
-
         locs, confs = self(images)
         return postprocess(
             locs.float(),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssd_lightning.data.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from ssd_lightning.images import IMAGENET_MEAN, IMAGENET_STD
 
 GREY = (128, 128, 128)
 CATEGORIES = [{"id": 3, "name": "red"}, {"id": 7, "name": "blue"}]

@@ -12,17 +12,12 @@ import torch
 from dali_helpers import ann_file, copy_set, image_dir, load_json, save_json
 from PIL import Image
 
-from ssd_lightning.data.coco import (
-    CategoryMap,
-    DataError,
-    _dali_rel,
-    check_image_files,
-    inspect_image,
-    read_annotations,
-    resolve_split_paths,
-    write_reader_annotations,
-)
+from ssd_lightning.categories import CategoryMap
+from ssd_lightning.data.annotations import _dali_rel, read_annotations, write_reader_annotations
+from ssd_lightning.data.image_check import check_image_files, inspect_image
+from ssd_lightning.data.layout import resolve_split_paths
 from ssd_lightning.data.synthetic import MARKER, ensure_synthetic_coco, write_synthetic_coco
+from ssd_lightning.errors import DataError
 
 # ------------------------------------------------------------ categories
 

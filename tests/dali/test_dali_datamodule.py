@@ -11,7 +11,7 @@ import torch
 from dali_helpers import ann_file, copy_set, load_json, save_json
 
 from ssd_lightning.data import COCODataModule
-from ssd_lightning.data.datamodule import shard_size
+from ssd_lightning.data.sharding import shard_size
 
 
 def _dm(root, **kw):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ssd_lightning.data import COCODataModule
-from ssd_lightning.data.datamodule import augmentation_seed, epoch_permutation
+from ssd_lightning.data.sharding import augmentation_seed, epoch_permutation
 
 
 def _loader(root, epoch_source=None, seed=0):

@@ -19,7 +19,7 @@ from dali_helpers import (
 from PIL import Image
 
 from ssd_lightning.boxes import decode_offsets, encode_offsets, ssd300_default_boxes
-from ssd_lightning.data.coco import CategoryMap
+from ssd_lightning.categories import CategoryMap
 from ssd_lightning.data.pipelines import Augmentation, eval_pipeline, train_pipeline
 
 DBOXES = ssd300_default_boxes()

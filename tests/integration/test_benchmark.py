@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_lightning.benchmarking import percentile, run_benchmark, summarize
-from ssd_lightning.cli import ConfigError
+from ssd_lightning.data import COCODataModule
+from ssd_lightning.errors import ConfigError
+from ssd_lightning.tasks.benchmark import run_benchmark
+from ssd_lightning.tasks.benchmark.common import percentile, summarize
+from ssd_lightning.tasks.benchmark.train import DeviceBatches
+from ssd_lightning.training.module import SSDModule
 
 from .hydra_helpers import REPO, compose_config
 
@@ -132,9 +136,6 @@ def test_train_mode_on_device_made_batches_needs_no_dali(tmp_path):
 
 
 def test_device_made_batches_have_the_data_module_format(synthetic_coco, tmp_path):
-    from ssd_lightning.benchmarking import DeviceBatches
-    from ssd_lightning.data import COCODataModule
-    from ssd_lightning.module import SSDModule
 
     datamodule = COCODataModule(
         root=synthetic_coco, batch_size=2, num_threads=1, device="cpu", precision="32"

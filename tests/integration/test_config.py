@@ -6,10 +6,16 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from ssd_lightning import cli
-from ssd_lightning.callbacks import ValidationSchedule
 from ssd_lightning.data import COCODataModule
-from ssd_lightning.module import SSDModule
+from ssd_lightning.runtime.builders import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    instantiate_callbacks,
+    instantiate_loggers,
+)
+from ssd_lightning.training.callbacks import ValidationSchedule
+from ssd_lightning.training.module import SSDModule
 
 from .hydra_helpers import CONF_DIR, compose_config
 
@@ -43,16 +49,16 @@ def test_configs_and_experiments_instantiate(config_name, experiment, synthetic_
     cfg = compose_config(config_name, overrides, tmp_path)
     OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     _cpu(cfg)
-    datamodule = cli.build_datamodule(cfg, seed=0)
+    datamodule = build_datamodule(cfg, seed=0)
     assert isinstance(datamodule, COCODataModule) and datamodule.seed == (
         cfg.seed if cfg.seed is not None else 0
     )
-    loggers = cli.instantiate_loggers(cfg)
-    callbacks = cli.instantiate_callbacks(cfg, have_logger=bool(loggers))
-    trainer = cli.build_trainer(cfg, callbacks, loggers)
+    loggers = instantiate_loggers(cfg)
+    callbacks = instantiate_callbacks(cfg, have_logger=bool(loggers))
+    trainer = build_trainer(cfg, callbacks, loggers)
     assert isinstance(trainer, pl.Trainer)
     if config_name == "train":
-        module = cli.build_module(cfg, datamodule)
+        module = build_module(cfg, datamodule)
         assert isinstance(module, SSDModule)
         assert module.hparams.num_classes == 4  # the synthetic set's 3 categories + background
         assert module.hparams.category_ids == [3, 7, 11]
@@ -86,14 +92,14 @@ def test_trainer_options(trainer, tmp_path):
         assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
         ddp = compose_config("train", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                                        "trainer.precision=32-true"], tmp_path)  # fmt: skip
-        t = cli.build_trainer(ddp, [], [])
+        t = build_trainer(ddp, [], [])
         assert t.num_devices == 2 and type(t.strategy).__name__ == "DDPStrategy"
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "[csv,tensorboard]"])
 def test_loggers(logger, tmp_path):
     cfg = compose_config("train", [f"logger={logger}"], tmp_path)
-    loggers = cli.instantiate_loggers(cfg)
+    loggers = instantiate_loggers(cfg)
     assert len(loggers) == logger.count(",") + 1
     assert all(str(lg.log_dir).startswith(str(tmp_path)) for lg in loggers)
 
@@ -101,7 +107,7 @@ def test_loggers(logger, tmp_path):
 @pytest.mark.parametrize("option", ["default", "evaluate", "none", "rich_progress_bar", "model_checkpoint"])
 def test_callback_options(option, tmp_path):
     cfg = compose_config("train", [f"callbacks={option}"], tmp_path)
-    callbacks = cli.instantiate_callbacks(cfg, have_logger=True)
+    callbacks = instantiate_callbacks(cfg, have_logger=True)
     assert all(isinstance(c, pl.Callback) for c in callbacks)
     if option == "default":
         names = sorted(type(c).__name__ for c in callbacks)
@@ -109,7 +115,7 @@ def test_callback_options(option, tmp_path):
         reliability = ["PreemptionCheckpoint", "NonFiniteGuard", "RNGState"]
         assert names == sorted([*expected, "ValidationSchedule", *reliability])
         assert [c for c in callbacks if type(c).__name__ == "LearningRateMonitor"]
-        without_logger = cli.instantiate_callbacks(cfg, have_logger=False)
+        without_logger = instantiate_callbacks(cfg, have_logger=False)
         assert "LearningRateMonitor" not in {type(c).__name__ for c in without_logger}
 
 

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from ssd_lightning import cli
 from ssd_lightning.model import SSD300
+from ssd_lightning.runtime.entry import hydra_error_line, run_task
+from ssd_lightning.tasks.evaluate import evaluate
+from ssd_lightning.tasks.train import train
 
 from .hydra_helpers import REPO, TINY, compose_config
 
@@ -63,7 +65,7 @@ def test_evaluate_py_with_a_missing_checkpoint(synthetic_coco, tmp_path):
 
 def _fails_with(task, cfg, capsys, *fragments: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(task, cfg)
+        run_task(task, cfg)
     assert exit_info.value.code == 1
     return _assert_one_error_line(capsys.readouterr().err, *fragments)
 
@@ -76,7 +78,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(synthetic_coco, tmp_path, c
     bogus = tmp_path / "notes.ckpt"
     bogus.write_text("not a checkpoint")
     cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={bogus}")
-    _fails_with(cli.train, cfg, capsys, str(bogus), "not an SSD300 checkpoint")
+    _fails_with(train, cfg, capsys, str(bogus), "not an SSD300 checkpoint")
 
 
 def test_resume_from_a_checkpoint_of_another_model(synthetic_coco, tmp_path, capsys):
@@ -85,19 +87,15 @@ def test_resume_from_a_checkpoint_of_another_model(synthetic_coco, tmp_path, cap
     hparams = {"backbone": "resnet18", "num_classes": 4, "category_ids": [3, 7, 11], "class_names": None}
     torch.save({"state_dict": state, "hyper_parameters": hparams, "optimizer_states": [], "loops": {}}, ckpt)
     cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={ckpt}", "model.backbone=resnet34")
-    _fails_with(cli.train, cfg, capsys, "backbone=resnet18", "backbone=resnet34")
+    _fails_with(train, cfg, capsys, "backbone=resnet18", "backbone=resnet34")
 
 
 def test_a_bad_config_value(synthetic_coco, tmp_path, capsys):
+    _fails_with(train, _train_cfg(synthetic_coco, tmp_path, "model.backbone=resnet99"), capsys, "resnet99")
     _fails_with(
-        cli.train, _train_cfg(synthetic_coco, tmp_path, "model.backbone=resnet99"), capsys, "resnet99"
+        train, _train_cfg(synthetic_coco, tmp_path, "model.num_classes=2"), capsys, "model.num_classes"
     )
-    _fails_with(
-        cli.train, _train_cfg(synthetic_coco, tmp_path, "model.num_classes=2"), capsys, "model.num_classes"
-    )
-    _fails_with(
-        cli.train, _train_cfg(synthetic_coco, tmp_path, "optim.warmup_steps=-5"), capsys, "warmup_steps"
-    )
+    _fails_with(train, _train_cfg(synthetic_coco, tmp_path, "optim.warmup_steps=-5"), capsys, "warmup_steps")
 
 
 def test_a_broken_annotation_file(synthetic_coco, tmp_path, capsys):
@@ -108,28 +106,28 @@ def test_a_broken_annotation_file(synthetic_coco, tmp_path, capsys):
         (synthetic_coco / "annotations" / "instances_val2017.json").read_text()
     )
     (root / "annotations" / "instances_train2017.json").write_text('{"images": [')
-    _fails_with(cli.train, _train_cfg(root, tmp_path), capsys, "instances_train2017.json", "not valid JSON")
+    _fails_with(train, _train_cfg(root, tmp_path), capsys, "instances_train2017.json", "not valid JSON")
 
 
 def test_evaluate_needs_a_checkpoint_or_detections(synthetic_coco, tmp_path, capsys):
     cfg = compose_config("evaluate", [f"data.root={synthetic_coco}"], tmp_path)
-    _fails_with(cli.evaluate, cfg, capsys, "ckpt_path=", "detections=")
+    _fails_with(evaluate, cfg, capsys, "ckpt_path=", "detections=")
     missing = tmp_path / "dets.json"
     cfg = compose_config("evaluate", [f"data.root={synthetic_coco}", f"detections={missing}"], tmp_path)
-    _fails_with(cli.evaluate, cfg, capsys, str(missing))
+    _fails_with(evaluate, cfg, capsys, str(missing))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image_id": 1}]))
     cfg = compose_config("evaluate", [f"data.root={synthetic_coco}", f"detections={bad}"], tmp_path)
-    _fails_with(cli.evaluate, cfg, capsys, "bbox")
+    _fails_with(evaluate, cfg, capsys, "bbox")
 
 
 def test_bugs_are_not_swallowed(synthetic_coco, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "build_module", broken)
+    monkeypatch.setattr("ssd_lightning.tasks.train.build_module", broken)
     with pytest.raises(RuntimeError, match="a bug"):
-        cli.main(cli.train, _train_cfg(synthetic_coco, tmp_path))
+        run_task(train, _train_cfg(synthetic_coco, tmp_path))
 
 
 def test_evaluate_an_nvidia_format_checkpoint(synthetic_coco, tmp_path):
@@ -144,7 +142,7 @@ def test_evaluate_an_nvidia_format_checkpoint(synthetic_coco, tmp_path):
         "data.batch_size=4",
         f"ckpt_path={nvidia}",
     ]
-    metrics = cli.evaluate(compose_config("evaluate", overrides, tmp_path))
+    metrics = evaluate(compose_config("evaluate", overrides, tmp_path))
     assert set(metrics) >= {"AP", "AP50", "ARl"}
     assert (tmp_path / "detections.json").is_file() and (tmp_path / "metrics.json").is_file()
 
@@ -162,7 +160,7 @@ def test_evaluate_a_checkpoint_of_another_data_set(synthetic_coco, tmp_path, cap
     overrides = ["experiment=quickstart", f"data.root={synthetic_coco}", f"ckpt_path={ckpt}"]
     cfg = compose_config("evaluate", overrides, tmp_path)
     _fails_with(
-        cli.evaluate, cfg, capsys, "trained on 3 categories", "the data set the checkpoint was trained on"
+        evaluate, cfg, capsys, "trained on 3 categories", "the data set the checkpoint was trained on"
     )
 
 
@@ -202,6 +200,17 @@ def test_train_py_with_an_unknown_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "predict.py", "export.py", "benchmark.py"])
+def test_every_script_answers_an_unknown_group_in_one_line(script, tmp_path):
+    # one entry function (ssd_lightning.runtime.entry.run_entry_point) for all five scripts
+    proc = _entry_point(script, "nosuchgroup.misspelt_key=1", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 1, proc.stderr
+    _assert_one_error_line(
+        proc.stderr, "nosuchgroup.misspelt_key is not a config key", "+nosuchgroup.misspelt_key=1"
+    )
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
@@ -211,7 +220,6 @@ def test_train_py_with_an_unknown_key(tmp_path):
     ],
 )
 def test_hydra_composition_errors_become_one_line(override, fragments):
-    from ssd_lightning.reliability import hydra_error_line
 
     with pytest.raises(Exception) as err:
         compose_config("train", [override])
@@ -238,43 +246,37 @@ def test_hydra_composition_errors_become_one_line(override, fragments):
     ],
 )
 def test_a_value_of_the_wrong_type(synthetic_coco, tmp_path, capsys, override, fragments):
-    _fails_with(cli.train, _train_cfg(synthetic_coco, tmp_path, override), capsys, *fragments)
+    _fails_with(train, _train_cfg(synthetic_coco, tmp_path, override), capsys, *fragments)
 
 
 def test_more_devices_than_the_machine_has(synthetic_coco, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     gpu = ["trainer.accelerator=gpu", "trainer.precision=16-mixed"]
-    _fails_with(
-        cli.train, _train_cfg(synthetic_coco, tmp_path, *gpu), capsys, "no CUDA device", "trainer=cpu"
-    )
+    _fails_with(train, _train_cfg(synthetic_coco, tmp_path, *gpu), capsys, "no CUDA device", "trainer=cpu")
     auto = _train_cfg(synthetic_coco, tmp_path, "trainer.accelerator=auto", "trainer.devices=4")
-    _fails_with(cli.train, auto, capsys, "trainer.devices=4", "trainer.accelerator=cpu")
+    _fails_with(train, auto, capsys, "trainer.devices=4", "trainer.accelerator=cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     cfg = _train_cfg(synthetic_coco, tmp_path, *gpu, "trainer.devices=8")
-    _fails_with(
-        cli.train, cfg, capsys, "trainer.devices=8 but this machine has 2 CUDA device(s)", "devices=2"
-    )
+    _fails_with(train, cfg, capsys, "trainer.devices=8 but this machine has 2 CUDA device(s)", "devices=2")
     cfg = _train_cfg(synthetic_coco, tmp_path, *gpu, "trainer.devices=[0,3]")
-    _fails_with(cli.train, cfg, capsys, "trainer.devices=[0, 3]", "2 CUDA device(s)")
+    _fails_with(train, cfg, capsys, "trainer.devices=[0, 3]", "2 CUDA device(s)")
 
 
 def test_a_batch_size_the_data_cannot_fill(synthetic_coco, tmp_path, capsys):
-    _fails_with(
-        cli.train, _train_cfg(synthetic_coco, tmp_path, "data.batch_size=0"), capsys, "data.batch_size"
-    )
+    _fails_with(train, _train_cfg(synthetic_coco, tmp_path, "data.batch_size=0"), capsys, "data.batch_size")
     cfg = _train_cfg(synthetic_coco, tmp_path, "data.batch_size=32")  # 15 annotated train images
-    _fails_with(cli.train, cfg, capsys, "15 annotated images", "data.batch_size=32", "lower data.batch_size")
+    _fails_with(train, cfg, capsys, "15 annotated images", "data.batch_size=32", "lower data.batch_size")
 
 
 def test_resume_from_a_missing_checkpoint(synthetic_coco, tmp_path, capsys):
     missing = tmp_path / "nope" / "last.ckpt"
     cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={missing}")
-    _fails_with(cli.train, cfg, capsys, f"ckpt_path {missing} not found", "checkpoints/last.ckpt")
+    _fails_with(train, cfg, capsys, f"ckpt_path {missing} not found", "checkpoints/last.ckpt")
     (tmp_path / "old_run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "old_run" / "checkpoints" / "last.ckpt").write_bytes(b"")
     cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={tmp_path / 'old_run'}")
-    _fails_with(cli.train, cfg, capsys, "is a folder", f"ckpt_path={tmp_path}/old_run/checkpoints/last.ckpt")
+    _fails_with(train, cfg, capsys, "is a folder", f"ckpt_path={tmp_path}/old_run/checkpoints/last.ckpt")
 
 
 def test_resume_from_a_checkpoint_of_another_class_count(synthetic_coco, tmp_path, capsys):
@@ -283,6 +285,4 @@ def test_resume_from_a_checkpoint_of_another_class_count(synthetic_coco, tmp_pat
     hparams = {"backbone": "resnet18", "num_classes": 6, "category_ids": [1, 2, 3, 4, 5], "class_names": None}
     torch.save({"state_dict": state, "hyper_parameters": hparams, "optimizer_states": [], "loops": {}}, ckpt)
     cfg = _train_cfg(synthetic_coco, tmp_path, f"ckpt_path={ckpt}")
-    _fails_with(
-        cli.train, cfg, capsys, "num_classes=6", "num_classes=4", "resume with the checkpoint's config"
-    )
+    _fails_with(train, cfg, capsys, "num_classes=6", "num_classes=4", "resume with the checkpoint's config")

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssd_lightning.boxes import ssd300_default_boxes
-from ssd_lightning.module import SSDModule, WarmupMultiStepLR, param_groups, scaled_lr
+from ssd_lightning.training.module import SSDModule
+from ssd_lightning.training.schedule import WarmupMultiStepLR, param_groups, scaled_lr
 
 
 class _Boxes(Dataset):

@@ -13,10 +13,21 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from ssd_lightning import inference
+from ssd_lightning.categories import COCO2017_CATEGORY_IDS, COCO2017_CLASS_NAMES
 from ssd_lightning.checkpoints import CheckpointError, LoadedCheckpoint, load_weights_into
-from ssd_lightning.cli import ConfigError
+from ssd_lightning.checkpoints.reading import checkpoint_categories
+from ssd_lightning.data.pipelines import eval_pipeline
+from ssd_lightning.errors import ConfigError, ExportError
+from ssd_lightning.evaluation import METRIC_NAMES
+from ssd_lightning.images import IMAGENET_STD, preprocess, read_image
 from ssd_lightning.model import SSD300
+from ssd_lightning.runtime.builders import build_datamodule, build_module
+from ssd_lightning.runtime.entry import user_error
+from ssd_lightning.summary import main
+from ssd_lightning.tasks.evaluate import evaluate
+from ssd_lightning.tasks.export import EXPORT_FORMATS, METADATA_FILE, _run_torchscript, export, export_model
+from ssd_lightning.tasks.predict import predict
+from ssd_lightning.training.module import SSDModule
 
 from .hydra_helpers import compose_config
 
@@ -109,15 +120,15 @@ def small_ckpt(small_model, tmp_path_factory) -> Path:
 
 def test_images_of_any_mode_decode_to_rgb(pictures):
     for name in READABLE:
-        image = inference.read_image(pictures / name)
+        image = read_image(pictures / name)
         with Image.open(pictures / name) as original:
             assert tuple(image.shape) == (3, original.height, original.width), name
         assert image.dtype == torch.uint8
-    gray = inference.read_image(pictures / "gray.png")
+    gray = read_image(pictures / "gray.png")
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
-    gray16 = inference.read_image(pictures / "gray16.png")
+    gray16 = read_image(pictures / "gray16.png")
     assert torch.equal(gray16[0], torch.from_numpy(np.array(_picture(48, 48, 5).convert("L"))))
-    x = inference.preprocess(inference.read_image(pictures / "rgb.jpg"))
+    x = preprocess(read_image(pictures / "rgb.jpg"))
     assert x.shape == (3, 300, 300) and x.dtype == torch.float32
 
 
@@ -135,7 +146,7 @@ def test_predict_folder_writes_drawings_and_coco_results(pictures, small_ckpt, s
             "progress_bar=false",
         ],
     )
-    result = inference.predict(cfg)
+    result = predict(cfg)
 
     # every unreadable file is reported by name and skipped; hidden files are not inputs
     skipped = {Path(s["file_name"]).name for s in result.skipped}
@@ -160,7 +171,7 @@ def test_predict_folder_writes_drawings_and_coco_results(pictures, small_ckpt, s
 
     # the detections are SSD300.detect's on the same preprocessed batch, in original pixels, clipped
     good = [pictures / n for n in READABLE]
-    batch = torch.stack([inference.preprocess(inference.read_image(p)) for p in good])
+    batch = torch.stack([preprocess(read_image(p)) for p in good])
     expected = small_model.detect(batch, score_threshold=0.3, iou_threshold=0.5, max_detections=5)
     for path, det in zip(good, expected, strict=True):
         mine = [r for r in rows if r["image_id"] == ids[path.name]]
@@ -196,24 +207,24 @@ def test_nvidia_checkpoint_through_predict_py(pictures, tmp_path):
     log = proc.stdout + proc.stderr  # Hydra's console log handler writes to stdout
     assert "skipped " in log and "broken.jpg" in log and "notes.txt" in log
     index = json.loads((run_dir / "images.json").read_text())
-    assert [c["id"] for c in index["categories"]] == list(inference.COCO2017_CATEGORY_IDS)
+    assert [c["id"] for c in index["categories"]] == list(COCO2017_CATEGORY_IDS)
     assert [c["name"] for c in index["categories"]] == [f"thing{i}" for i in range(1, 81)]
     assert len(index["images"]) == len(READABLE)
     rows = json.loads((run_dir / "detections.json").read_text())
-    assert rows and {r["category_id"] for r in rows} <= set(inference.COCO2017_CATEGORY_IDS)
+    assert rows and {r["category_id"] for r in rows} <= set(COCO2017_CATEGORY_IDS)
     assert len(list((run_dir / "images").glob("*.png"))) == len(READABLE)
 
 
 def test_class_metadata_of_checkpoints():
-    coco = inference.checkpoint_categories(LoadedCheckpoint({}, "resnet50", 81))
-    assert coco.ids == list(inference.COCO2017_CATEGORY_IDS) and coco.names[:2] == ["person", "bicycle"]
+    coco = checkpoint_categories(LoadedCheckpoint({}, "resnet50", 81))
+    assert coco.ids == list(COCO2017_CATEGORY_IDS) and coco.names[:2] == ["person", "bicycle"]
     assert len(set(coco.ids)) == 80 and coco.ids[-1] == 90 and 12 not in coco.ids
-    plain = inference.checkpoint_categories(LoadedCheckpoint({}, "resnet18", 4))
+    plain = checkpoint_categories(LoadedCheckpoint({}, "resnet18", 4))
     assert plain.ids == [1, 2, 3] and plain.names == ["class 1", "class 2", "class 3"]
-    named = inference.checkpoint_categories(LoadedCheckpoint({}, "resnet18", 3, [5, 6], ["a", "b"]))
+    named = checkpoint_categories(LoadedCheckpoint({}, "resnet18", 3, [5, 6], ["a", "b"]))
     assert (named.ids, named.names) == ([5, 6], ["a", "b"])
     with pytest.raises(CheckpointError, match="3 classes .* 3 class names"):
-        inference.checkpoint_categories(LoadedCheckpoint({}, "resnet18", 3, None, ["a", "b", "c"]))
+        checkpoint_categories(LoadedCheckpoint({}, "resnet18", 3, None, ["a", "b", "c"]))
 
 
 @pytest.mark.parametrize(
@@ -228,7 +239,7 @@ def test_empty_or_missing_input_says_so(make_input, message, small_ckpt, tmp_pat
     spec = make_input(tmp_path / "in")
     cfg = _compose("predict", [f"ckpt_path={small_ckpt}", f"input={spec}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=message):
-        inference.predict(cfg)
+        predict(cfg)
 
 
 def test_folder_without_readable_images_fails_with_one_line(pictures, small_ckpt, tmp_path):
@@ -241,7 +252,7 @@ def test_folder_without_readable_images_fails_with_one_line(pictures, small_ckpt
         [f"ckpt_path={small_ckpt}", f"input={folder}", f"paths.output_dir={tmp_path}", "progress_bar=false"],
     )
     with pytest.raises(ConfigError, match="none of the 2 files is a readable image"):
-        inference.predict(cfg)
+        predict(cfg)
     assert not (tmp_path / "detections.json").exists() and not (tmp_path / "images").exists()
 
 
@@ -261,8 +272,6 @@ def test_checkpoint_of_another_kind_fails_with_one_line(pictures, tmp_path):
 
 def test_nvidia_checkpoint_through_evaluate(synthetic_coco, tmp_path):
     """evaluate.py's task with an NVIDIA-layout file sized to the data set (3 categories: ids 3, 7, 11)."""
-    from ssd_lightning import cli
-    from ssd_lightning.evaluation import METRIC_NAMES
 
     ckpt = _save_nvidia(_model(num_classes=4, seed=4), tmp_path / "nvidia.pt", label_map=None)
     overrides = [
@@ -272,7 +281,7 @@ def test_nvidia_checkpoint_through_evaluate(synthetic_coco, tmp_path):
         f"ckpt_path={ckpt}",
     ]
     cfg = compose_config("evaluate", overrides, tmp_path / "run")
-    metrics = cli.evaluate(cfg)
+    metrics = evaluate(cfg)
     assert list(metrics) == list(METRIC_NAMES)
     rows = json.loads((tmp_path / "run" / "detections.json").read_text())
     assert rows and {r["category_id"] for r in rows} <= {3, 7, 11}
@@ -284,7 +293,7 @@ def _coco_categories_root(synthetic_coco: Path, root: Path) -> Path:
     root.mkdir()
     (root / "images").symlink_to(synthetic_coco / "images")
     (root / "annotations").mkdir()
-    coco = list(zip(inference.COCO2017_CATEGORY_IDS, inference.COCO2017_CLASS_NAMES, strict=True))
+    coco = list(zip(COCO2017_CATEGORY_IDS, COCO2017_CLASS_NAMES, strict=True))
     order = range(len(coco) - 1, -1, -1)
     for split in ("train", "val"):
         name = f"instances_{split}2017.json"
@@ -297,7 +306,6 @@ def _coco_categories_root(synthetic_coco: Path, root: Path) -> Path:
 def test_nvidia_coco_checkpoint_on_a_coco_val_set(synthetic_coco, tmp_path):
     """An 81-class NVIDIA checkpoint (no category ids) on a COCO-format set with the 80 COCO categories:
     label l is COCO id COCO2017_CATEGORY_IDS[l - 1] (the sorted ids, NVIDIA's label order)."""
-    from ssd_lightning import cli
 
     root = _coco_categories_root(synthetic_coco, tmp_path / "coco")
     model = _model(num_classes=81, seed=7)
@@ -316,9 +324,9 @@ def test_nvidia_coco_checkpoint_on_a_coco_val_set(synthetic_coco, tmp_path):
         f"ckpt_path={ckpt}",
         "trainer.precision=32-true",
     ]
-    cli.evaluate(compose_config("evaluate", overrides, tmp_path / "run"))
+    evaluate(compose_config("evaluate", overrides, tmp_path / "run"))
     rows = json.loads((tmp_path / "run" / "detections.json").read_text())
-    assert rows and {r["category_id"] for r in rows} == {inference.COCO2017_CATEGORY_IDS[label - 1]} == {90}
+    assert rows and {r["category_id"] for r in rows} == {COCO2017_CATEGORY_IDS[label - 1]} == {90}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,7 +335,6 @@ def test_nvidia_coco_checkpoint_on_a_coco_val_set(synthetic_coco, tmp_path):
 
 
 def test_preprocessing_matches_the_dali_validation_pipeline(tmp_path):
-    from ssd_lightning.data.pipelines import IMAGENET_STD, eval_pipeline
 
     pictures = {  # down- and up-scaling, both aspect ratios, CMYK JPEG, grayscale PNG
         "down.jpg": _picture(640, 480, 10),
@@ -368,7 +375,7 @@ def test_preprocessing_matches_the_dali_validation_pipeline(tmp_path):
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for name in pictures:
         dali = torch.as_tensor(np.array(pipe.run()[0][0]))
-        mine = inference.preprocess(inference.read_image(tmp_path / name))
+        mine = preprocess(read_image(tmp_path / name))
         levels = (dali - mine).abs() * std * 255  # the difference in grey levels (0..255)
         # measured: 0.1 level on average, <= 2 levels except a few pixels of the last row/column (up to 5):
         # the resampling kernels treat the border differently
@@ -389,7 +396,7 @@ def test_onnx_export_round_trip(small_model, small_ckpt, tmp_path):
     cfg = _compose(
         "export", [f"ckpt_path={small_ckpt}", "format=onnx", "batch_size=2", f"paths.output_dir={out}"]
     )
-    result = inference.export(cfg)
+    result = export(cfg)
     assert result.path == out / "ssd300_resnet18.onnx" and result.max_abs_diff < 1e-4
     assert [p.name for p in out.iterdir()] == ["ssd300_resnet18.onnx"]  # no temporary file left
 
@@ -411,27 +418,29 @@ def test_onnx_export_round_trip(small_model, small_ckpt, tmp_path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("fmt", ["torchscript", "exported_program"])
 def test_torchscript_and_exported_program_round_trip(fmt, small_model, tmp_path):
-    path = tmp_path / f"model{inference.EXPORT_FORMATS[fmt]}"
+    path = tmp_path / f"model{EXPORT_FORMATS[fmt]}"
     meta = {"class_names": CLASS_NAMES}
-    result = inference.export_model(small_model, path, fmt, metadata=meta, batch_size=1)
+    result = export_model(small_model, path, fmt, metadata=meta, batch_size=1)
     assert result.max_abs_diff < 1e-4 and result.check_batch == 2
     images = torch.randn(3, 3, 300, 300, generator=torch.Generator().manual_seed(0))
-    extra = {inference.METADATA_FILE: ""}
+    extra = {METADATA_FILE: ""}
     if fmt == "torchscript":
         loaded = torch.jit.load(str(path), _extra_files=extra)
     else:
         loaded = torch.export.load(str(path), extra_files=extra).module()
-    assert json.loads(extra[inference.METADATA_FILE]) == meta
+    assert json.loads(extra[METADATA_FILE]) == meta
     with torch.inference_mode():
         for got, want in zip(loaded(images), small_model(images), strict=True):
             assert (got - want).abs().max() < 1e-4
 
 
 def test_export_that_fails_its_check_writes_nothing(small_model, tmp_path, monkeypatch):
-    real = inference._run_torchscript
-    monkeypatch.setattr(inference, "_run_torchscript", lambda p, x: tuple(t + 1e-2 for t in real(p, x)))
-    with pytest.raises(inference.ExportError, match="differs from PyTorch by up to 0.01"):
-        inference.export_model(small_model, tmp_path / "model.pt", "torchscript", batch_size=1)
+    real = _run_torchscript
+    monkeypatch.setattr(
+        "ssd_lightning.tasks.export._run_torchscript", lambda p, x: tuple(t + 1e-2 for t in real(p, x))
+    )
+    with pytest.raises(ExportError, match="differs from PyTorch by up to 0.01"):
+        export_model(small_model, tmp_path / "model.pt", "torchscript", batch_size=1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -478,7 +487,6 @@ def _conf_keys(state: dict) -> set[str]:
 def test_ssd_module_init_from_an_nvidia_checkpoint(num_classes, tmp_path):
     """model.init_from: trunk, extra blocks and box heads copied exactly; conf heads too for the same class
     count, else they keep the fresh initialisation. ImageNet backbone weights are not loaded then."""
-    from ssd_lightning.module import SSDModule
 
     source = _model(num_classes=81, seed=3).state_dict()
     ckpt = _save_nvidia(_model(num_classes=81, seed=3), tmp_path / "nvidia.pt", label_map=None)
@@ -503,14 +511,13 @@ def test_ssd_module_init_from_an_nvidia_checkpoint(num_classes, tmp_path):
 
 def test_init_from_through_the_train_config(synthetic_coco, tmp_path):
     """``model.init_from=FILE`` of conf/model/ssd300.yaml reaches SSDModule; a bad file is one clear error."""
-    from ssd_lightning import cli
 
     source = _model(num_classes=81, seed=6)
     ckpt = _save_nvidia(source, tmp_path / "nvidia.pt", label_map=None)
     overrides = ["experiment=quickstart", f"data.root={synthetic_coco}", f"model.init_from={ckpt}"]
     cfg = compose_config("train", overrides, tmp_path / "run")
     assert cfg.model.init_from == str(ckpt)
-    module = cli.build_module(cfg, cli.build_datamodule(cfg, 0))
+    module = build_module(cfg, build_datamodule(cfg, 0))
     assert module.hparams.num_classes == 4 and module.hparams.init_from == str(ckpt)
     want = source.state_dict()
     for key, value in module.model.state_dict().items():
@@ -519,22 +526,28 @@ def test_init_from_through_the_train_config(synthetic_coco, tmp_path):
     missing = tmp_path / "missing.pt"
     cfg = compose_config("train", [*overrides[:2], f"model.init_from={missing}"], tmp_path / "run")
     with pytest.raises(Exception) as info:
-        cli.build_module(cfg, cli.build_datamodule(cfg, 0))
-    cause = cli.user_error(info.value)
+        build_module(cfg, build_datamodule(cfg, 0))
+    cause = user_error(info.value)
     assert isinstance(cause, CheckpointError)
     assert f"model.init_from={missing}" in str(cause) and "not found" in str(cause)
 
 
 def test_summary_command(tmp_path, capsys):
-    from ssd_lightning import summary
 
-    assert summary.main(["model.backbone=resnet18", "model.num_classes=5"]) == 0
+    assert main(["model.backbone=resnet18", "model.num_classes=5"]) == 0
     out = capsys.readouterr().out
     params = sum(p.numel() for p in SSD300("resnet18", num_classes=5).parameters())
     assert "SSD300(backbone=resnet18, num_classes=5)" in out and f"{params} parameters" in out
-    assert summary.main(["model.lr=1", "model.backbone=resnet99"]) == 2
-    assert "unknown backbone 'resnet99'" in capsys.readouterr().err
-    assert summary.main(["trainer.devices=2"]) == 2
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet99'"):
+        main(["model.lr=1", "model.backbone=resnet99"])
+    with pytest.raises(ConfigError, match="unknown key 'trainer.devices'"):
+        main(["trainer.devices=2"])
+    # as a command: one line and exit code 1, as every script
+    bad = _run("ssd_lightning.summary", "model.backbone=resnet99", cwd=tmp_path)
+    assert bad.returncode == 1, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: unknown backbone 'resnet99': expected one of resnet18, resnet34, resnet50, resnet101, resnet152"
+    ]
 
     proc = _run("ssd_lightning.summary", "model.backbone=resnet18", "model.num_classes=5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -14,13 +14,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ssd_lightning import cli
-from ssd_lightning.reliability import (
-    PREEMPTED_EXIT_CODE,
-    AtomicCheckpointIO,
-    find_last_checkpoint,
-    resolve_ckpt_path,
-)
+from ssd_lightning.checkpoints import AtomicCheckpointIO
+from ssd_lightning.checkpoints.io import find_last_checkpoint, resolve_ckpt_path
+from ssd_lightning.errors import NonFiniteLossError
+from ssd_lightning.runtime.builders import build_module, instantiate_callbacks
+from ssd_lightning.runtime.entry import run_task
+from ssd_lightning.tasks.train import train
+from ssd_lightning.training.callbacks import PREEMPTED_EXIT_CODE, NonFiniteGuard
 
 from .hydra_helpers import TINY, compose_config
 
@@ -68,15 +68,16 @@ class _NaNImages(pl.Callback):
 
 
 def _train(run_dir: Path, overrides: list[str], callbacks: list[pl.Callback] = ()) -> dict | int:
-    """cli.train on the tiny recipe with extra callbacks; the objects built, or the exit code."""
+    """train on the tiny recipe with extra callbacks; the objects built, or the exit code."""
     cfg = compose_config("train", [*BASE, *overrides], run_dir)
     with pytest.MonkeyPatch.context() as mp:
-        build = cli.instantiate_callbacks
+        build = instantiate_callbacks
         mp.setattr(
-            cli, "instantiate_callbacks", lambda c, have_logger: build(c, have_logger) + list(callbacks)
+            "ssd_lightning.tasks.train.instantiate_callbacks",
+            lambda c, have_logger: build(c, have_logger) + list(callbacks),
         )
         try:
-            _, objects = cli.train(cfg)
+            _, objects = train(cfg)
         except SystemExit as stop:
             return stop.code
     return objects
@@ -172,12 +173,18 @@ def test_non_finite_loss_is_skipped_then_stops_training_with_the_good_model(
     nan = _NaNImages({(0, 0), (1, 0), (1, 1)})
     cfg = compose_config("train", [*BASE, *overrides], run)
     with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING, logger="ssd_lightning"):
-        build = cli.instantiate_callbacks
-        mp.setattr(cli, "instantiate_callbacks", lambda c, have_logger: build(c, have_logger) + [nan])
+        build = instantiate_callbacks
+        mp.setattr(
+            "ssd_lightning.tasks.train.instantiate_callbacks",
+            lambda c, have_logger: build(c, have_logger) + [nan],
+        )
         model = {}
-        mp.setattr(cli, "build_module", lambda *a, _b=cli.build_module: model.setdefault("m", _b(*a)))
+        mp.setattr(
+            "ssd_lightning.tasks.train.build_module",
+            lambda *a, _b=build_module: model.setdefault("m", _b(*a)),
+        )
         with pytest.raises(SystemExit) as stop:
-            cli.main(cli.train, cfg)
+            run_task(train, cfg)
     assert stop.value.code == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err[-1].startswith("error: training stopped: non-finite loss in 2 optimizer steps in a row")
@@ -294,8 +301,6 @@ def _fit_tiny(module: pl.LightningModule, guard, **trainer_kwargs) -> pl.Trainer
 
 
 def test_non_finite_gradients_with_a_finite_loss_are_skipped_too():
-    from ssd_lightning.callbacks import NonFiniteGuard
-    from ssd_lightning.reliability import NonFiniteLossError
 
     module = _Tiny(inf_grad=True)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -311,9 +316,6 @@ def test_amp_loss_scale_overflows_are_normal_and_a_nan_loss_is_not():
     """With a GradScaler, a finite loss whose scaled gradients overflow is AMP's normal skipped step: neither
     reported nor counted. A NaN loss is."""
     from pytorch_lightning.plugins.precision import MixedPrecision
-
-    from ssd_lightning.callbacks import NonFiniteGuard
-    from ssd_lightning.reliability import NonFiniteLossError
 
     def amp():
         return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]

@@ -14,9 +14,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import ssd_lightning
-from ssd_lightning import cli
 from ssd_lightning.evaluation import METRIC_NAMES, format_table
-from ssd_lightning.module import SSDModule, WarmupMultiStepLR
+from ssd_lightning.tasks.evaluate import evaluate
+from ssd_lightning.tasks.train import train
+from ssd_lightning.training.module import SSDModule
+from ssd_lightning.training.schedule import WarmupMultiStepLR
 
 from .hydra_helpers import TINY, compose_config
 
@@ -34,7 +36,7 @@ def _run(task, cfg):
 def trained(synthetic_coco, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train_run")
     cfg = compose_config("train", [*TINY, f"data.root={synthetic_coco}", "seed=0"], run_dir)
-    (metrics, objects), stdout = _run(cli.train, cfg)
+    (metrics, objects), stdout = _run(train, cfg)
     return {"dir": run_dir, "metrics": metrics, "objects": objects, "stdout": stdout, "root": synthetic_coco}
 
 
@@ -49,7 +51,7 @@ def evaluated(trained, tmp_path_factory):
         f"ckpt_path={ckpt}",
     ]
     cfg = compose_config("evaluate", overrides, run_dir)
-    metrics, stdout = _run(cli.evaluate, cfg)
+    metrics, stdout = _run(evaluate, cfg)
     return {"dir": run_dir, "metrics": metrics, "stdout": stdout}
 
 
@@ -139,7 +141,7 @@ def test_evaluate_a_detections_file_without_a_model(trained, evaluated, tmp_path
         f"detections={evaluated['dir'] / 'detections.json'}",
     ]
     cfg = compose_config("evaluate", overrides, tmp_path)
-    metrics, stdout = _run(cli.evaluate, cfg)
+    metrics, stdout = _run(evaluate, cfg)
     assert metrics == pytest.approx(evaluated["metrics"], abs=1e-12)
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics, abs=1e-12)
     assert format_table(metrics) in stdout
@@ -152,7 +154,7 @@ def test_resume_continues_steps_epochs_and_schedule(trained, tmp_path, caplog):
     # with a sanity check: its partial validation pass must neither be scored nor shift the real one
     cfg = compose_config("train", [*overrides, "trainer.num_sanity_val_steps=1"], tmp_path)
     with caplog.at_level(logging.INFO, logger="ssd_lightning"):
-        (metrics, objects), _ = _run(cli.train, cfg)
+        (metrics, objects), _ = _run(train, cfg)
     assert not [r for r in caplog.records if "validation covered" in r.getMessage()]
     assert (
         len([r for r in caplog.records if r.getMessage().startswith("epoch ")]) == 1
@@ -178,7 +180,7 @@ def test_resume_continues_steps_epochs_and_schedule(trained, tmp_path, caplog):
 def test_fast_dev_run_through_the_dali_pipeline(synthetic_coco, tmp_path):
     overrides = [*TINY, f"data.root={synthetic_coco}", "+trainer.fast_dev_run=true"]
     cfg = compose_config("train", overrides, tmp_path)
-    (metrics, objects), _ = _run(cli.train, cfg)
+    (metrics, objects), _ = _run(train, cfg)
     trainer = objects["trainer"]
     assert trainer.global_step == 1
     assert "train/loss" in metrics or "train/loss_step" in metrics

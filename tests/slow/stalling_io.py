@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from ssd_lightning.reliability import AtomicCheckpointIO
+from ssd_lightning.checkpoints import AtomicCheckpointIO
 
 
 class StallingCheckpointIO(AtomicCheckpointIO):

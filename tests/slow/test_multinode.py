@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_lightning.module import scaled_lr
+from ssd_lightning.errors import ConfigError
+from ssd_lightning.runtime.builders import build_trainer
+from ssd_lightning.training.schedule import scaled_lr
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -146,7 +148,6 @@ def test_two_torchrun_nodes_train_one_model(synthetic_coco, tmp_path):
 
 def test_torchrun_processes_must_match_devices_times_nodes(synthetic_coco, tmp_path, monkeypatch):
     """Under torchrun, devices=1 num_nodes=1 would train one model per process: one clear error instead."""
-    from ssd_lightning import cli
 
     compose_config = _load(REPO / "tests" / "integration" / "hydra_helpers.py").compose_config
 
@@ -160,10 +161,10 @@ def test_torchrun_processes_must_match_devices_times_nodes(synthetic_coco, tmp_p
     for key, value in torchrun_env.items():
         monkeypatch.setenv(key, value)
     cfg = compose_config("train", ["experiment=quickstart", f"data.root={synthetic_coco}"], tmp_path)
-    with pytest.raises(cli.ConfigError) as info:
-        cli.build_trainer(cfg, [], [])
+    with pytest.raises(ConfigError) as info:
+        build_trainer(cfg, [], [])
     message = str(info.value)
     assert "torchrun started 2 processes (1 per node)" in message
     assert "set trainer.devices=1 trainer.num_nodes=2" in message
     cfg = compose_config("train", ["experiment=quickstart", "trainer.num_nodes=2"], tmp_path)
-    assert cli.build_trainer(cfg, [], []).world_size == 2  # as torchrun says: no error
+    assert build_trainer(cfg, [], []).world_size == 2  # as torchrun says: no error

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_lightning import cli
-
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 from integration.hydra_helpers import TINY, compose_config  # noqa: E402
+
+from ssd_lightning.tasks.train import train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def _output(tmp_path: Path) -> str:
 
 def _resume(run_dir: Path, *overrides: str) -> dict:
     cfg = compose_config("train", [*TINY, f"trainer.max_epochs={EPOCHS}", *overrides], run_dir)
-    _, objects = cli.train(cfg)
+    _, objects = train(cfg)
     return objects
 
 

@@ -1,4 +1,5 @@
-"""Pin the SSD300 default boxes and the offset coding to NVIDIA SSD300 v1.1's values (reference section 2)."""
+"""Pin the SSD300 default boxes and the offset coding to NVIDIA SSD300 v1.1's values
+(NVIDIA's ``PyTorch/Detection/SSD/ssd/utils.py``, ``dboxes300_coco``)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_clamping_in_xywh() -> None:
     assert box(8730) == pytest.approx((0.5, 0.5, 1.0, 0.87 / math.sqrt(2)), abs=1e-6)
     assert box(8731) == pytest.approx((0.5, 0.5, 0.87 / math.sqrt(2), 1.0), abs=1e-6)
     assert boxes.xywh.min() >= 0 and boxes.xywh.max() <= 1
-    # The reference's "122 entries": 60 cx + 60 cy (10x10 map) + 1 w + 1 h (1x1 map), the clamped tensor
+    # The values NVIDIA's ``dboxes.clamp_(0, 1)`` changes, 122 entries:
+    # 60 cx + 60 cy (10x10 map) + 1 w + 1 h (1x1 map), the clamped tensor
     # entries (in 116 boxes); no other map leaves 0..1 (5x5: cx <= 4.5 / 4.6875 = 0.96; 3x3: cx <= 2.5 / 3).
     on_bound = boxes.xywh.eq(1)
     clamped = torch.zeros_like(on_bound)

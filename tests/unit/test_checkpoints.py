@@ -8,15 +8,15 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from ssd_lightning import load_model as lazy_load_model
+from ssd_lightning import load_model as public_load_model
 from ssd_lightning.checkpoints import (
-    LAYER3,
     CheckpointError,
     infer_backbone,
     infer_num_classes,
     load_model,
     read_checkpoint,
 )
+from ssd_lightning.checkpoints.reading import LAYER3
 from ssd_lightning.model import SSD300
 
 NAMES = ["person", "bicycle", "car", "motorcycle"]
@@ -76,7 +76,7 @@ def test_lightning_checkpoint_round_trip(model, image, tmp_path):
         [1, 2, 3, 4],
         NAMES,
     )
-    loaded = lazy_load_model(str(path))
+    loaded = public_load_model(str(path))
     assert not loaded.training
     assert_same_outputs(model, loaded, image)
 

@@ -22,8 +22,8 @@ from ssd_lightning.evaluation import (
     format_table,
     load_annotations,
     merge_detections,
-    write_json_atomic,
 )
+from ssd_lightning.fileio import write_json_atomic
 
 # ----------------------------------------------------------------------------------------------------------
 # A hand-made COCO ground truth: images of different sizes, non-contiguous category ids, a crowd region, an
@@ -432,7 +432,8 @@ def test_format_table_matches_pycocotools_summarize(case: str):
 
 
 def test_format_table_known_line_and_errors():
-    values = [0.25, 0.424, 0.255, 0.074, 0.268, 0.4, 0.237, 0.344, 0.359, 0.116, 0.392, 0.55]  # seed README
+    # a published 12-line table
+    values = [0.25, 0.424, 0.255, 0.074, 0.268, 0.4, 0.237, 0.344, 0.359, 0.116, 0.392, 0.55]
     metrics = dict(zip(METRIC_NAMES, values, strict=True))
     lines = format_table(metrics).split("\n")
     assert lines[0] == " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.250"

@@ -1,4 +1,4 @@
-"""The fast path (ssd_lightning.fastpath): compile / channels_last give eager's outputs; the optimizer kernel
+"""The fast path (ssd_lightning.training.fastpath): compile / channels_last give eager's outputs; the optimizer kernel
 switch; host-sync accounting; the Lightning callback. (The batched post-processing: test_postprocess.py.)"""
 
 from __future__ import annotations
@@ -6,11 +6,17 @@ from __future__ import annotations
 import time
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
-from ssd_lightning.fastpath import FastPathCallback, HostSyncCounter, compile_module, set_optimizer_impl
 from ssd_lightning.model import SSD300
 from ssd_lightning.postprocess import postprocess
+from ssd_lightning.training.fastpath import (
+    FastPathCallback,
+    HostSyncCounter,
+    compile_module,
+    set_optimizer_impl,
+)
 
 # ------------------------------------------------------------------------------------------------------
 # NVIDIA's decode (DeepLearningExamples SSD300 v1.1 Encoder.decode_batch / decode_single), restated
@@ -130,7 +136,6 @@ def test_fast_path_callback_validates_and_sets_flags(monkeypatch):
 
 
 def test_fast_path_callback_switches_the_lightning_optimizer(tmp_path):
-    import pytorch_lightning as pl
 
     class Tiny(pl.LightningModule):
         def __init__(self):

@@ -1,4 +1,5 @@
-"""MultiBoxLoss against a plain re-statement of NVIDIA SSD300 v1.1's ``Loss`` (reference section 4)."""
+"""MultiBoxLoss against a plain re-statement of NVIDIA SSD300 v1.1's ``Loss``
+(NVIDIA's ``PyTorch/Detection/SSD/ssd/model.py``)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def image() -> torch.Tensor:
 
 
 def test_default_model_matches_nvidia_parameter_table(r50):
-    # reference table 1.4 (ResNet-50): backbone, extra blocks, loc heads, conf heads
+    # our per-part counts of NVIDIA's ssd/model.py (ResNet-50): backbone, extra blocks, loc heads, conf heads
     assert n_params(r50) == 22_894_902
     assert n_params(r50.feature_extractor) == 8_543_296
     assert n_params(r50.additional_blocks) == 3_773_696
@@ -166,7 +166,6 @@ def _cell_index_map(out: torch.Tensor) -> torch.Tensor:
 
 
 def test_detect_delegates_to_postprocess(image, monkeypatch):
-    import ssd_lightning.postprocess
 
     calls = []
 
@@ -176,7 +175,7 @@ def test_detect_delegates_to_postprocess(image, monkeypatch):
             {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
         ]
 
-    monkeypatch.setattr(ssd_lightning.postprocess, "postprocess", fake_postprocess)
+    monkeypatch.setattr("ssd_lightning.model.ssd300.postprocess", fake_postprocess)
     model = SSD300("resnet18", num_classes=3).eval()
     result = model.detect(image, score_threshold=0.2, iou_threshold=0.45, max_detections=7)
     (locs, confs, default_boxes, kwargs), expected = calls[0], model(image)

@@ -1,4 +1,5 @@
-"""postprocess against a restatement of NVIDIA's ``Encoder.decode_batch`` loop (reference section 3.3),
+"""postprocess against a restatement of NVIDIA's ``Encoder.decode_batch`` loop
+(NVIDIA's ``PyTorch/Detection/SSD/ssd/utils.py``),
 bit for bit with every NMS method; crafted cases with hand-computed detections; and the DALI ``box_encoder``
 -> ``encode_offsets`` -> ``decode_offsets`` round trip."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_convert, box_iou
@@ -329,7 +331,6 @@ def last_argmax(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 def test_dali_box_encoder_round_trip() -> None:
     """DALI box_encoder targets, coded by encode_offsets and decoded by decode_offsets, give the GT back."""
-    import numpy as np
     from nvidia.dali import fn, pipeline_def
 
     default_boxes = ssd300_default_boxes()

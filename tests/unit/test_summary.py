@@ -1,9 +1,9 @@
-"""model_summary reproduces the seed README's figures for SSD300-ResNet-50."""
+"""model_summary reproduces the original SSD300 project's README figures for SSD300-ResNet-50."""
 
 from __future__ import annotations
 
 from ssd_lightning.model import SSD300
-from ssd_lightning.summary import ModelSummary, count_flops, model_summary
+from ssd_lightning.model.summary import ModelSummary, count_flops, model_summary
 
 
 def test_resnet50_summary_matches_the_seed():

@@ -1,17 +1,40 @@
-"""Lightning callbacks used by the Hydra configs (``conf/callbacks/``)."""
+"""Lightning callbacks used by the Hydra configs (``conf/callbacks/``) and by every task.
+
+* :class:`ValidationSchedule`: validate after listed epochs (NVIDIA's evaluation epochs) and after the last;
+* :class:`PreemptionCheckpoint` and :func:`exit_preempted`: SIGTERM becomes a checkpoint and exit code 143;
+* :class:`NonFiniteGuard`: stop after too many optimizer steps in a row with a non-finite loss or gradients;
+* :class:`RNGState`: the random generators' states in the checkpoint (exact resume);
+* :class:`ModelSummaryPrinter`: the model's size and FLOPs once at start, on rank 0.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import random
+import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-__all__ = ["NonFiniteGuard", "PreemptionCheckpoint", "RNGState", "ValidationSchedule"]
+from ssd_lightning.errors import NonFiniteLossError
+from ssd_lightning.model.summary import model_summary
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "ModelSummaryPrinter",
+    "NonFiniteGuard",
+    "PreemptionCheckpoint",
+    "RNGState",
+    "ValidationSchedule",
+    "exit_preempted",
+]
 
 log = logging.getLogger("ssd_lightning")
 
@@ -81,7 +104,7 @@ class PreemptionCheckpoint(pl.Callback):
     the DDP ranks Lightning started); the loop raises ``SIGTERMException`` after the current training or
     validation batch, on every rank at the same batch. This callback writes the checkpoint from
     ``on_exception`` through the trainer (``trainer.plugins``:
-    :class:`~ssd_lightning.reliability.AtomicCheckpointIO`, so a second, fatal signal during the write
+    :class:`~ssd_lightning.checkpoints.io.AtomicCheckpointIO`, so a second, fatal signal during the write
     leaves the previous file). The checkpoint holds the loop
     position: a mid-epoch resume continues the epoch where it stopped (the data module replays its first
     batches), and one taken during validation runs that validation again from its start.
@@ -105,7 +128,6 @@ class PreemptionCheckpoint(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
@@ -153,7 +175,7 @@ class NonFiniteGuard(pl.Callback):
     back to their values before the step's forward pass, so the model stays the last good one and every
     checkpoint written afterwards (``last.ckpt``, ``best.ckpt``) is finite. The learning-rate schedule still
     advances, as for AMP's skipped steps. After ``max_bad_steps`` bad steps in a row training stops with
-    :class:`~ssd_lightning.reliability.NonFiniteLossError` (one line from train.py, exit code 1) before any
+    :class:`~ssd_lightning.errors.NonFiniteLossError` (one line from train.py, exit code 1) before any
     further checkpoint is written.
 
     With a GradScaler (``16-mixed`` on GPU) the scaler skips steps with non-finite gradients by design (loss
@@ -276,8 +298,6 @@ class NonFiniteGuard(pl.Callback):
             what, where, self.bad_in_row, self.max_bad_steps,
         )  # fmt: skip
         if self.bad_in_row >= self.max_bad_steps:
-            from ssd_lightning.reliability import NonFiniteLossError
-
             raise NonFiniteLossError(
                 f"training stopped: non-finite {what} in {self.bad_in_row} optimizer steps in a row, the "
                 f"last at {where}; the checkpoints hold the last good model. Lower optim.lr, check the data, "
@@ -295,7 +315,6 @@ class NonFiniteGuard(pl.Callback):
         finite = torch.stack([torch.isfinite(v).all() for _, v in tensors])
         if bool(finite.all()):
             return
-        from ssd_lightning.reliability import NonFiniteLossError
 
         bad = tensors[int((~finite).nonzero()[0])][0]
         raise NonFiniteLossError(
@@ -306,9 +325,6 @@ class NonFiniteGuard(pl.Callback):
 
 
 def _rng_states() -> dict[str, Any]:
-    import random
-
-    import numpy as np
 
     np_state = np.random.get_state()
     states: dict[str, Any] = {
@@ -322,9 +338,6 @@ def _rng_states() -> dict[str, Any]:
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
 
     if "torch" in states:
         torch.set_rng_state(states["torch"])
@@ -353,3 +366,54 @@ class RNGState(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _set_rng_states(state_dict)
+
+
+class ModelSummaryPrinter(pl.Callback):
+    """Print the network's ``Model FLOPs: ... Params: ...`` / ``Model summary: N layers, ...`` lines
+    (:func:`ssd_lightning.model.summary.model_summary`) once, on global rank 0, when training or evaluation
+    starts.
+
+    In ``setup``: the process group exists by then (the rank is right under torchrun, SLURM and Lightning's
+    own launcher alike) and the network is not yet wrapped or moved.
+    """
+
+    def __init__(self) -> None:
+        self.printed = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.printed or not trainer.is_global_zero:
+            return
+
+        print(model_summary(getattr(pl_module, "model", pl_module)), flush=True)
+        self.printed = True
+
+
+#: exit status of train.py after a SIGTERM that was turned into a checkpoint (128 + 15, as a shell reports it)
+PREEMPTED_EXIT_CODE = 143
+
+
+def exit_preempted(trainer: Any) -> typing.NoReturn:
+    """After Lightning's ``SIGTERMException``: say where the checkpoint is and exit with code 143."""
+
+    saved = [c.saved_path for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.saved_path]
+    if trainer.is_global_zero:
+        if trainer.state.fn != "fit":
+            log.warning("SIGTERM: %s stopped before its end; nothing was written", trainer.state.fn)
+        elif saved:
+            log.warning(
+                "SIGTERM: stopped at epoch %d, step %d; checkpoint %s; resume with ckpt_path=%s",
+                trainer.current_epoch,
+                trainer.global_step,
+                saved[0],
+                saved[0],
+            )
+        else:
+            log.warning(
+                "SIGTERM: stopped at epoch %d, step %d (no checkpoint callback configured)",
+                trainer.current_epoch,
+                trainer.global_step,
+            )
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    raise SystemExit(PREEMPTED_EXIT_CODE)

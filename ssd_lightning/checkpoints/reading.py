@@ -17,12 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ssd_lightning.boxes import ssd300_default_boxes
+from ssd_lightning.categories import COCO2017_CATEGORY_IDS, COCO2017_CLASS_NAMES, CategoryMap
+from ssd_lightning.errors import CheckpointError
 from ssd_lightning.model import SSD300
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,6 @@ BACKBONE_BY_LAYER3 = {
     (True, 23): "resnet101",
     (True, 36): "resnet152",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or not an SSD300 checkpoint (one-line message)."""
 
 
 @dataclass
@@ -70,7 +69,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """
     ckpt = read_checkpoint(path, map_location)
     model = SSD300(backbone=ckpt.backbone, num_classes=ckpt.num_classes)
-    _check_keys(path, model, ckpt)
+    check_state_dict(
+        model,
+        ckpt.state_dict,
+        f"{path} does not match SSD300(backbone={ckpt.backbone!r}, num_classes={ckpt.num_classes})",
+    )
     model.load_state_dict(ckpt.state_dict, strict=False)  # only num_batches_tracked may be missing (checked)
     return model.to(map_location).eval()
 
@@ -110,17 +113,8 @@ def load_weights_into(model: SSD300, path: str | os.PathLike, *, strict_classes:
             ckpt.num_classes,
             model.num_classes,
         )
-    expected = model.state_dict()
-    missing = [
-        k for k in expected if k not in state and k not in kept and not k.endswith("num_batches_tracked")
-    ]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    bad = missing + unexpected + shapes
-    if bad:  # checked before anything is copied: the model is left as it was
-        raise CheckpointError(
-            f"{path} does not match the model: keys {', '.join(bad[:3])}{' ...' * (len(bad) > 3)}"
-        )
+    # checked before anything is copied: the model is left as it was
+    check_state_dict(model, state, f"{path} does not match the model", ignore=kept)
     model.load_state_dict(state, strict=False)
     return kept
 
@@ -215,18 +209,23 @@ def _as_list(value: object) -> list | None:
     return None if value is None else list(value)
 
 
-def _check_keys(path: str | os.PathLike, model: SSD300, ckpt: LoadedCheckpoint) -> None:
-    """Raise a one-line CheckpointError naming a few missing, unexpected or mis-shaped keys."""
+def state_dict_mismatch(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], ignore: Sequence[str] = ()
+) -> list[str]:
+    """What keeps ``state`` from loading into ``model``: missing keys (``num_batches_tracked`` and ``ignore``
+    aside), unexpected keys and shape mismatches, as short phrases (empty: it fits)."""
     expected = model.state_dict()
-    state = ckpt.state_dict
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    skip = set(ignore)
+    missing = [
+        k for k in expected if k not in state and k not in skip and not k.endswith("num_batches_tracked")
+    ]
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{k} {list(getattr(state[k], 'shape', []))} != {list(v.shape)}"
         for k, v in expected.items()
         if k in state and getattr(state[k], "shape", None) != v.shape
     ]
-    problems = [
+    return [
         f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
         for label, keys in (
             ("missing keys", missing),
@@ -235,8 +234,37 @@ def _check_keys(path: str | os.PathLike, model: SSD300, ckpt: LoadedCheckpoint) 
         )
         if keys
     ]
+
+
+def check_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, ignore: Sequence[str] = ()
+) -> None:
+    """Raise a one-line CheckpointError ``<what>: <problems>`` when ``state`` does not fit ``model``."""
+    problems = state_dict_mismatch(model, state, ignore)
     if problems:
-        raise CheckpointError(
-            f"{path} does not match SSD300(backbone={ckpt.backbone!r}, num_classes={ckpt.num_classes}): "
-            + "; ".join(problems)
-        )
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def checkpoint_categories(ckpt: LoadedCheckpoint) -> CategoryMap:
+    """Category ids and names of labels 1..C-1 for the model of ``ckpt``.
+
+    Ids: the checkpoint's (train.py), else the COCO 2017 ids for an 81-class model (NVIDIA's checkpoints carry
+    none), else the contiguous labels 1..C-1. Names: the checkpoint's (train.py ``class_names`` or NVIDIA
+    ``label_map``), else the COCO names for an 81-class model without ids of its own, else ``class <label>``.
+
+    Raises:
+        CheckpointError: ids or names that do not number ``num_classes - 1``.
+    """
+    count = ckpt.num_classes - 1
+    coco = ckpt.num_classes == len(COCO2017_CATEGORY_IDS) + 1 and ckpt.category_ids is None
+    ids = ckpt.category_ids if ckpt.category_ids is not None else (COCO2017_CATEGORY_IDS if coco else None)
+    ids = list(range(1, count + 1)) if ids is None else [int(i) for i in ids]
+    names = ckpt.class_names if ckpt.class_names is not None else (COCO2017_CLASS_NAMES if coco else None)
+    names = [f"class {i}" for i in range(1, count + 1)] if names is None else [str(n) for n in names]
+    for what, values in (("category ids", ids), ("class names", names)):
+        if len(values) != count:
+            raise CheckpointError(
+                f"the checkpoint's model has {ckpt.num_classes} classes (background included) but "
+                f"{len(values)} {what} for labels 1..{count}: the checkpoint is inconsistent"
+            )
+    return CategoryMap(ids, names)

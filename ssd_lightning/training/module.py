@@ -1,22 +1,12 @@
 """SSDModule: the LightningModule gluing SSD300, MultiBoxLoss, NVIDIA's optimiser recipe and COCO evaluation.
 
-Training (NVIDIA SSD300 v1.1, reference section 6):
-
-* SGD, momentum 0.9, weight decay 5e-4 on the convolution weights only: BatchNorm weights/biases and every
-  bias get weight decay 0 (NVIDIA's ``tencent_trick``: parameters with one dimension or named ``*.bias``).
-* Learning rate ``lr x global_batch / reference_batch_size`` (2.6e-3 per 32 images), the global batch being
-  ``batch_size x world_size x accumulate_grad_batches``.
-* Linear warmup over ``warmup_steps`` optimizer steps: step ``s`` (0-based) runs at ``(s + 1) / warmup_steps``
-  of the rate, so the first step already learns and the rate reaches the full value at step
-  ``warmup_steps - 1`` (NVIDIA runs step 0 at rate 0 and plateaus at ``(W - 1) / W`` of it; a deliberate,
-  documented deviation).
-* ``x gamma`` (0.1) from each epoch (0-based) listed in ``milestones`` (43 and 54 of 65), as NVIDIA's
-  ``MultiStepLR`` stepped after every epoch.
+Training: NVIDIA's recipe (:mod:`ssd_lightning.training.schedule`).
 
 The schedule is :class:`WarmupMultiStepLR`, stepped every optimizer step by Lightning; its state (step count,
 epoch) is in the checkpoint, so a resumed run continues the schedule where it stopped.
 
-Validation (reference section 8): per batch, the post-processing (score > 0.05, 200 candidates per class, NMS
+Validation (NVIDIA's ``PyTorch/Detection/SSD/ssd/evaluate.py``): per batch, the post-processing (score >
+0.05, 200 candidates per class, NMS
 0.5, 200 detections) turns the outputs into COCO result rows (original image ids and pixels, dataset category
 ids); at the epoch end the rows of all ranks are gathered, duplicates dropped, and rank 0 scores them with the
 official COCO protocol against the data module's annotation file, restricted to the images the validation
@@ -36,11 +26,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
 from ssd_lightning.boxes import DefaultBoxes
-from ssd_lightning.checkpoints import CheckpointError
+from ssd_lightning.checkpoints import CheckpointError, check_label_space, check_num_classes, load_weights_into
 from ssd_lightning.evaluation import (
     METRIC_NAMES,
     detections_to_coco,
@@ -51,8 +39,9 @@ from ssd_lightning.evaluation import (
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.model import SSD300
 from ssd_lightning.postprocess import postprocess
+from ssd_lightning.training.schedule import WarmupMultiStepLR, param_groups, scaled_lr
 
-__all__ = ["SSDModule", "WarmupMultiStepLR", "scaled_lr", "param_groups"]
+__all__ = ["SSDModule"]
 
 log = logging.getLogger(__name__)
 
@@ -60,75 +49,6 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------
 # Optimiser recipe: pure functions and the scheduler
 # ----------------------------------------------------------------------------------------------------
-
-
-def scaled_lr(lr: float, global_batch_size: int, reference_batch_size: int = 32) -> float:
-    """NVIDIA's learning-rate scaling: ``lr`` is given per ``reference_batch_size`` images."""
-    return float(lr) * global_batch_size / reference_batch_size
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two SGD parameter groups: ``decay`` (conv/linear weights, ``weight_decay``) and ``no_decay`` (BatchNorm
-    weights and biases, every bias: weight decay 0), as NVIDIA's ``tencent_trick``. Frozen parameters are left
-    out."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.endswith(".bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-
-
-class WarmupMultiStepLR(LRScheduler):
-    """Per-step linear warmup times a per-epoch multi-step decay.
-
-    The rate of every group at optimizer step ``s`` (0-based) during epoch ``e`` (0-based) is::
-
-        base_lr * min(1, (s + 1) / warmup_steps) * gamma ** (number of milestones <= e)
-
-    Step it after every optimizer step (Lightning: ``interval="step"``) and call :meth:`set_epoch` at the
-    start of every epoch. ``state_dict()`` holds plain numbers only (``torch.load(weights_only=True)`` reads
-    it).
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        warmup_steps: int = 0,
-        milestones: Sequence[int] = (43, 54),
-        gamma: float = 0.1,
-        last_epoch: int = -1,
-    ) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={warmup_steps}: must be >= 0")
-        self.warmup_steps = int(warmup_steps)
-        self.milestones = sorted(int(m) for m in milestones)
-        self.gamma = float(gamma)
-        self.epoch = 0
-        super().__init__(optimizer, last_epoch)
-
-    def factor(self, step: int, epoch: int) -> float:
-        """The multiplier of the base rate at optimizer step ``step`` of epoch ``epoch`` (both 0-based)."""
-        warm = 1.0 if self.warmup_steps <= 0 else min(1.0, (step + 1) / self.warmup_steps)
-        decays = sum(1 for m in self.milestones if m <= epoch)
-        return warm * self.gamma**decays
-
-    def get_lr(self) -> list[float]:
-        f = self.factor(max(self.last_epoch, 0), self.epoch)
-        return [base * f for base in self.base_lrs]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Enter epoch ``epoch`` (0-based): apply its decay to the rate of the next step."""
-        self.epoch = int(epoch)
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,11 +121,8 @@ class SSDModule(pl.LightningModule):
         super().__init__()
         category_ids = _plain_list(category_ids, int)
         class_names = _plain_list(class_names, str)
-        if category_ids is not None and len(category_ids) > int(num_classes) - 1:
-            raise ValueError(
-                f"model.num_classes={num_classes} is too small for the {len(category_ids)} categories "
-                f"(need {len(category_ids) + 1} with the background); leave model.num_classes unset"
-            )
+        if category_ids is not None:
+            check_num_classes(num_classes, len(category_ids))
         if reference_batch_size <= 0 or batch_size <= 0:
             raise ValueError("optim.reference_batch_size and data.batch_size must be positive")
         for key, value in (("lr", lr), ("gamma", gamma)):
@@ -269,8 +186,6 @@ class SSDModule(pl.LightningModule):
 
     def _init_from(self, path: str) -> None:
         """Copy the weights of checkpoint ``path`` into the network (``model.init_from``)."""
-        from ssd_lightning.checkpoints import load_weights_into
-
         try:
             fresh = load_weights_into(self.model, path)
         except CheckpointError as err:
@@ -442,20 +357,8 @@ class SSDModule(pl.LightningModule):
 
     def _check_categories(self) -> None:
         """The model's label space must be the data set's, else the AP would be silently wrong."""
-        data_ids = [int(i) for i in self._datamodule().categories.dataset_ids]
-        ours = self.hparams.category_ids
-        # labels are written with the model's own ids: the file may list the same categories in another order
-        if ours is not None and sorted(ours) != sorted(data_ids):
-            raise CheckpointError(
-                f"the model was trained on {len(ours)} categories (ids {ours[:5]}...) but the validation "
-                f"annotations have {len(data_ids)} (ids {data_ids[:5]}...): evaluate on the data set the "
-                "checkpoint was trained on"
-            )
-        if ours is None and self.hparams.num_classes - 1 < len(data_ids):
-            raise CheckpointError(
-                f"the model has {self.hparams.num_classes - 1} classes but the validation annotations have "
-                f"{len(data_ids)} categories: evaluate on the data set the checkpoint was trained on"
-            )
+        data_ids = self._datamodule().categories.dataset_ids
+        check_label_space(self.hparams.num_classes, self.hparams.category_ids, data_ids)
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []

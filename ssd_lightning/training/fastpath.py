@@ -15,13 +15,14 @@ switched by ``fastpath.nms_method``.) What each switch does:
 * :class:`HostSyncCounter`: counts the operations that make the host wait for the device (``.item()``,
   ``bool(tensor)``, ``.tolist()``, ``.cpu()``, blocking host<->device copies) while it is active.
 * :class:`FastPathCallback`: applies compile / optimizer kernel / cuDNN autotuning / matmul precision to a
-  Lightning run of :class:`~ssd_lightning.module.SSDModule`.
+  Lightning run of :class:`~ssd_lightning.training.module.SSDModule`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
@@ -169,8 +170,6 @@ class HostSyncCounter(TorchDispatchMode):
     def _add(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
         if self.trace:
-            import traceback
-
             sites: list[str] = []
             seen: set[str] = set()
             for frame in reversed(traceback.extract_stack()[:-2]):
@@ -209,7 +208,8 @@ class HostSyncCounter(TorchDispatchMode):
 
 
 class FastPathCallback(pl.Callback):
-    """Switch on parts of the fast path for a Lightning run of :class:`~ssd_lightning.module.SSDModule`.
+    """Switch on parts of the fast path for a Lightning run of
+    :class:`~ssd_lightning.training.module.SSDModule`.
 
     (channels_last is the module's own ``channels_last`` argument; AMP is ``trainer.precision``; DALI on the
     GPU is ``data.device``; cuDNN autotuning is also ``trainer.benchmark``.)
