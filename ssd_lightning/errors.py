@@ -15,6 +15,7 @@ __all__ = [
     "DataWarning",
     "ExportError",
     "NonFiniteLossError",
+    "WriteError",
 ]
 
 
@@ -38,10 +39,27 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped: too many optimizer steps in a row with a non-finite loss or gradients."""
 
 
+class WriteError(OSError):
+    """An output file could not be written (disk full, permission, read-only file system, quota); the file
+    that was there before is intact and no temporary file is left (one-line message naming both).
+
+    ``WriteError(errno_code, message)``: ``str()`` is the message alone (no ``[Errno N]`` prefix).
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class ExportError(ConfigError):
     """An exported model file that cannot be written or does not reproduce the PyTorch model."""
 
 
 #: what the entry points report as one line (a diverged training is a user error too: the checkpoints hold
 #: the last good model)
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    NonFiniteLossError,
+    WriteError,
+)

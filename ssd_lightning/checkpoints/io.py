@@ -33,13 +33,26 @@ log = logging.getLogger("ssd_lightning")
 _LAST_ENV = "SSD_LIGHTNING_RESUME_LAST"
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about its size on disk (the rest is small)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """:class:`TorchCheckpointIO` whose checkpoint files are always complete.
 
     ``save_checkpoint`` writes through :func:`ssd_lightning.fileio.atomic_write` (``<path>.tmp``, fsync,
     ``os.replace``, fsync of the folder). Killed before the rename, ``<path>`` is the previous complete
-    checkpoint; after it, the new one. A failed write (disk full, an exception) removes the ``.tmp`` and
-    raises. Remote paths (``s3://`` ...) go through Lightning's own writer.
+    checkpoint; after it, the new one. A failed write removes the ``.tmp`` and raises; a full disk (or
+    another refusal of the operating system) is one :class:`~ssd_lightning.errors.WriteError` line: ``no space
+    left on device while writing <path> (<size> needed, <free> free); the previous checkpoint <path> is
+    intact``. Remote paths (``s3://`` ...) go through Lightning's own writer.
 
     Lightning's default writer is not enough: it writes to a temporary file in the system temp folder and
     moves it, which is a copy (not atomic) when that folder is on another file system, and it never fsyncs.
@@ -51,7 +64,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_write(path, "wb", unique=False) as f:
+        with atomic_write(path, "wb", unique=False, needed=tensor_bytes(checkpoint), what="checkpoint") as f:
             self._write(checkpoint, f)
 
     def _write(self, checkpoint: dict[str, Any], f: BinaryIO) -> None:

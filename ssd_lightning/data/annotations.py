@@ -187,36 +187,28 @@ def _load_json(path: Path) -> dict:
     return doc
 
 
-def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
-    """Read, validate and sanitise a COCO detection annotation file.
-
-    Raises :class:`DataError` (one line naming the file and the entry) when the file cannot be used: missing,
-    not JSON, missing keys, a category/image entry without its required fields, duplicate ids or file names,
-    image sizes that are not positive, an annotation without a 4-number ``bbox``. Annotations that can be
-    dropped or repaired are handled in ``clean_doc`` and counted in ``report`` (no warning is issued here).
-    """
-    path = Path(path)
-    doc = _load_json(path)
-
-    categories = doc["categories"]
+def _read_categories(path: Path, categories: list) -> CategoryMap:
+    """The category map of a ``categories`` list (integer ids, each once)."""
     if not categories:
         raise DataError(f"{path}: 'categories' is empty; a detection dataset needs at least one category")
-    seen_cat: set[int] = set()
+    seen: set[int] = set()
     for i, c in enumerate(categories):
         if not isinstance(c, dict) or not _is_int(c.get("id")):
             raise DataError(
                 f"{path}: categories[{i}] has no integer 'id'; every category needs an integer id"
             )
-        if c["id"] in seen_cat:
+        if c["id"] in seen:
             raise DataError(f"{path}: category id {c['id']} is listed twice in 'categories'; make ids unique")
-        seen_cat.add(c["id"])
-    category_map = CategoryMap.from_categories(categories)
+        seen.add(c["id"])
+    return CategoryMap.from_categories(categories)
 
+
+def _read_images(path: Path, images: list) -> tuple[dict[int, str], dict[int, tuple[float, float]]]:
+    """``{image id: file name}`` and ``{image id: (width, height)}`` (as given) of ``images``."""
     file_names: dict[int, str] = {}
-    sizes: dict[int, tuple[int, int]] = {}
     raw_sizes: dict[int, tuple[float, float]] = {}  # (width, height) as DALI divides by them
     seen_files: dict[str, int] = {}
-    for i, im in enumerate(doc["images"]):
+    for i, im in enumerate(images):
         if not isinstance(im, dict):
             raise DataError(f"{path}: images[{i}] is not an object; fix the file")
         for key in ("id", "file_name", "width", "height"):
@@ -245,57 +237,85 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
             )
         seen_files[name] = iid
         file_names[iid] = name
-        sizes[iid] = (int(round(h)), int(round(w)))
         raw_sizes[iid] = (w, h)
+    return file_names, raw_sizes
+
+
+def _annotation_fields(path: Path, i: int, a: object) -> tuple[object, object, list]:
+    """``(image_id, category_id, bbox)`` of annotation ``i``; a DataError when one is missing or malformed."""
+    try:
+        iid, cid, box = a["image_id"], a["category_id"], a["bbox"]
+    except (KeyError, TypeError):
+        if not isinstance(a, dict):
+            raise DataError(f"{path}: annotations[{i}] is not an object; fix the file") from None
+        key = next(k for k in ("image_id", "category_id", "bbox") if k not in a)
+        raise DataError(
+            f"{path}: annotation {a.get('id', f'#{i}')} has no '{key}'; COCO detection annotations need "
+            "image_id, category_id and bbox"
+        ) from None
+    if type(box) is not list or len(box) != 4 or not all(type(v) in (int, float) for v in box):  # not bool
+        raise DataError(
+            f"{path}: annotation {a.get('id', f'#{i}')} has bbox {box!r}; a COCO bbox is "
+            "[x, y, width, height] in pixels"
+        )
+    return iid, cid, box
+
+
+def _sanitised_box(box: list, width: float, height: float, report: SanitiseReport, name: str) -> list | None:
+    """``box`` as the reader may read it (clipped to its image), or None when it must be dropped; what was
+    dropped or clipped is noted in ``report`` under ``name``."""
+    x, y, bw, bh = box
+    if not all(math.isfinite(v) for v in box):
+        report.note("non_finite", name)
+        return None
+    if bw < MIN_BOX_SIZE or bh < MIN_BOX_SIZE:
+        report.note("degenerate", f"{name} {box}")
+        return None
+    clipped = _clip_box(x, y, bw, bh, width, height)
+    if clipped is None:
+        report.note("outside", f"{name} {box} in {width}x{height}")
+        return None
+    if clipped is _UNCHANGED:
+        return box
+    # Float noise a DALI assertion would trip on is repaired silently; real overshoot is reported.
+    if max(abs(u - v) for u, v in zip(clipped, box, strict=True)) > 0.5:
+        report.note("clipped", f"{name} {box} in {width}x{height}")
+    else:
+        report.repaired += 1
+    return list(clipped)
+
+
+def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
+    """Read, validate and sanitise a COCO detection annotation file.
+
+    Raises :class:`DataError` (one line naming the file and the entry) when the file cannot be used: missing,
+    not JSON, missing keys, a category/image entry without its required fields, duplicate ids or file names,
+    image sizes that are not positive, an annotation without a 4-number ``bbox``. Annotations that can be
+    dropped or repaired are handled in ``clean_doc`` and counted in ``report`` (no warning is issued here).
+    """
+    path = Path(path)
+    doc = _load_json(path)
+    category_map = _read_categories(path, doc["categories"])
+    known_categories = set(category_map.dataset_ids)
+    file_names, raw_sizes = _read_images(path, doc["images"])
 
     report = SanitiseReport()
     kept: list[dict] = []
     annotated: set[int] = set()
     annotated_non_crowd: set[int] = set()
-    number = (int, float)  # exact types: bool is not a number here
-    isfinite = math.isfinite
     for i, a in enumerate(doc["annotations"]):
-        try:
-            iid, cid, box = a["image_id"], a["category_id"], a["bbox"]
-        except (KeyError, TypeError):
-            if not isinstance(a, dict):
-                raise DataError(f"{path}: annotations[{i}] is not an object; fix the file") from None
-            key = next(k for k in ("image_id", "category_id", "bbox") if k not in a)
-            raise DataError(
-                f"{path}: annotation {a.get('id', f'#{i}')} has no '{key}'; COCO detection annotations need "
-                "image_id, category_id and bbox"
-            ) from None
-        if type(box) is not list or len(box) != 4 or not all(type(v) in number for v in box):
-            raise DataError(
-                f"{path}: annotation {a.get('id', f'#{i}')} has bbox {box!r}; a COCO bbox is "
-                "[x, y, width, height] in pixels"
-            )
-        if cid not in seen_cat:
-            report.note("unknown_category", f"annotation {a.get('id', f'#{i}')} category {cid}")
+        iid, cid, box = _annotation_fields(path, i, a)
+        name = f"annotation {a.get('id', f'#{i}')}"
+        if cid not in known_categories:
+            report.note("unknown_category", f"{name} category {cid}")
             continue
         if iid not in file_names:
-            report.note("unknown_image", f"annotation {a.get('id', f'#{i}')} image {iid}")
+            report.note("unknown_image", f"{name} image {iid}")
             continue
-        x, y, bw, bh = box
-        if not (isfinite(x) and isfinite(y) and isfinite(bw) and isfinite(bh)):
-            report.note("non_finite", f"annotation {a.get('id', f'#{i}')}")
+        fixed = _sanitised_box(box, *raw_sizes[iid], report, name)
+        if fixed is None:
             continue
-        if bw < MIN_BOX_SIZE or bh < MIN_BOX_SIZE:
-            report.note("degenerate", f"annotation {a.get('id', f'#{i}')} {box}")
-            continue
-        width, height = raw_sizes[iid]
-        clipped = _clip_box(x, y, bw, bh, width, height)
-        if clipped is None:
-            report.note("outside", f"annotation {a.get('id', f'#{i}')} {box} in {width}x{height}")
-            continue
-        if clipped is not _UNCHANGED:
-            # Float noise a DALI assertion would trip on is repaired silently; real overshoot is reported.
-            if max(abs(u - v) for u, v in zip(clipped, (x, y, bw, bh), strict=True)) > 0.5:
-                report.note("clipped", f"annotation {a.get('id', f'#{i}')} {box} in {width}x{height}")
-            else:
-                report.repaired += 1
-            a = {**a, "bbox": list(clipped)}
-        kept.append(a)
+        kept.append(a if fixed is box else {**a, "bbox": fixed})
         annotated.add(iid)
         if not a.get("iscrowd", 0):
             annotated_non_crowd.add(iid)
@@ -309,7 +329,7 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
         categories=category_map,
         image_ids=sorted(file_names),
         file_names=file_names,
-        sizes=sizes,
+        sizes={iid: (int(round(h)), int(round(w))) for iid, (w, h) in raw_sizes.items()},
         annotated=annotated,
         annotated_non_crowd=annotated_non_crowd,
         num_annotations=len(kept),

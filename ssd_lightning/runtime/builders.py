@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ssd_lightning.checkpoints import check_num_classes
 from ssd_lightning.data.synthetic import ensure_synthetic_coco_on_rank
 from ssd_lightning.errors import ConfigError
 
@@ -85,18 +86,9 @@ def dataset_categories(datamodule: Any) -> Any:
 def build_module(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     """The LightningModule of ``cfg.model`` with ``cfg.optim``, sized to the data set's categories."""
     categories = dataset_categories(datamodule)
-    data_classes = len(categories.dataset_ids) + 1
-    num_classes = cfg.model.get("num_classes")
-    if num_classes is None:
-        num_classes = data_classes
-    elif int(num_classes) < data_classes:
-        raise ConfigError(
-            f"model.num_classes={num_classes} but the data set has {data_classes - 1} categories "
-            f"({data_classes} classes with the background): leave model.num_classes unset (null)"
-        )
     return instantiate_module(
         cfg,
-        int(num_classes),
+        check_num_classes(cfg.model.get("num_classes"), len(categories.dataset_ids)),
         category_ids=[int(i) for i in categories.dataset_ids],
         class_names=[str(n) for n in categories.names],
     )

@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from omegaconf import DictConfig
 from ssd_lightning.categories import CategoryMap
 from ssd_lightning.checkpoints import LoadedCheckpoint, load_model, read_checkpoint
 from ssd_lightning.checkpoints.reading import checkpoint_categories
-from ssd_lightning.errors import ConfigError
+from ssd_lightning.errors import ConfigError, ExportError
+from ssd_lightning.fileio import atomic_path
 from ssd_lightning.images import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from ssd_lightning.model import SSD300
 
@@ -37,10 +37,6 @@ EXPORT_FORMATS: dict[str, str] = {
 
 
 METADATA_FILE = "ssd_lightning.json"  # extra file in TorchScript / torch.export archives
-
-
-class ExportError(ConfigError):
-    """An exported file that does not reproduce the PyTorch model (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ def _metadata(ckpt: LoadedCheckpoint, categories: CategoryMap) -> dict[str, Any]
         "model": "SSD300",
         "backbone": ckpt.backbone,
         "num_classes": ckpt.num_classes,
-        "category_ids": categories.ids,
+        "category_ids": categories.dataset_ids,
         "class_names": categories.names,
         "input": "images float32 [N,3,300,300]: RGB squash-resized to 300x300, (x/255 - mean) / std",
         "mean": list(IMAGENET_MEAN),
@@ -176,14 +172,13 @@ def export_model(
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be at least 1")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().cpu().eval()
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(batch_size, 3, INPUT_SIZE, INPUT_SIZE, generator=generator)
     check = torch.randn(batch_size + 1, 3, INPUT_SIZE, INPUT_SIZE, generator=generator)
     metadata = metadata or {}
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")  # same suffix: torch.export wants .pt2
-    try:
+    # a temporary file beside the target (same suffix: torch.export wants .pt2), renamed once checked
+    with atomic_path(path) as tmp:
         if format == "onnx":
             _export_onnx(model, example, tmp, metadata, opset)
             got = _run_onnx(tmp, check)
@@ -209,9 +204,6 @@ def export_model(
                 f"the {format} file differs from PyTorch by up to {diff:.3g} (tolerance {tolerance:.3g}) on "
                 "random input: not written; try another opset (opset=...) or format"
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportResult(path, format, diff, tolerance, batch_size + 1)
 
 

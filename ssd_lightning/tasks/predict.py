@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from ssd_lightning.checkpoints import load_model, read_checkpoint
 from ssd_lightning.checkpoints.reading import checkpoint_categories
 from ssd_lightning.errors import ConfigError
 from ssd_lightning.evaluation import detections_to_coco
-from ssd_lightning.fileio import write_json_atomic
+from ssd_lightning.fileio import atomic_write, write_json_atomic
 from ssd_lightning.images import draw_detections, preprocess, read_image
 from ssd_lightning.model.summary import model_summary
 from ssd_lightning.runtime.devices import resolve_device
@@ -150,7 +149,7 @@ def _save_drawing(
     path: Path, image: torch.Tensor, rows: list[dict[str, Any]], categories: CategoryMap
 ) -> None:
 
-    label_of = {cid: i + 1 for i, cid in enumerate(categories.ids)}
+    label_of = {cid: i + 1 for i, cid in enumerate(categories.dataset_ids)}
     boxes = torch.tensor(
         [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float64
     )
@@ -161,12 +160,8 @@ def _save_drawing(
         [r["score"] for r in rows],
         categories,
     )
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(f, format="PNG")
 
 
 def predict(cfg: DictConfig) -> PredictResult:
@@ -232,7 +227,7 @@ def predict(cfg: DictConfig) -> PredictResult:
                 sizes = [tuple(item.image.shape[1:]) for item in good]  # (height, width)
                 for item, size, det in zip(good, sizes, found, strict=True):
                     rows = detections_to_coco(
-                        [ids[item.index]], [size], [det], categories.ids, clip=bool(cfg.clip_boxes)
+                        [ids[item.index]], [size], [det], categories.dataset_ids, clip=bool(cfg.clip_boxes)
                     )
                     detections.extend(rows)
                     entry = {

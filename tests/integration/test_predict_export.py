@@ -217,12 +217,12 @@ def test_nvidia_checkpoint_through_predict_py(pictures, tmp_path):
 
 def test_class_metadata_of_checkpoints():
     coco = checkpoint_categories(LoadedCheckpoint({}, "resnet50", 81))
-    assert coco.ids == list(COCO2017_CATEGORY_IDS) and coco.names[:2] == ["person", "bicycle"]
-    assert len(set(coco.ids)) == 80 and coco.ids[-1] == 90 and 12 not in coco.ids
+    assert coco.dataset_ids == list(COCO2017_CATEGORY_IDS) and coco.names[:2] == ["person", "bicycle"]
+    assert len(set(coco.dataset_ids)) == 80 and coco.dataset_ids[-1] == 90 and 12 not in coco.dataset_ids
     plain = checkpoint_categories(LoadedCheckpoint({}, "resnet18", 4))
-    assert plain.ids == [1, 2, 3] and plain.names == ["class 1", "class 2", "class 3"]
+    assert plain.dataset_ids == [1, 2, 3] and plain.names == ["class 1", "class 2", "class 3"]
     named = checkpoint_categories(LoadedCheckpoint({}, "resnet18", 3, [5, 6], ["a", "b"]))
-    assert (named.ids, named.names) == ([5, 6], ["a", "b"])
+    assert (named.dataset_ids, named.names) == ([5, 6], ["a", "b"])
     with pytest.raises(CheckpointError, match="3 classes .* 3 class names"):
         checkpoint_categories(LoadedCheckpoint({}, "resnet18", 3, None, ["a", "b", "c"]))
 
@@ -545,9 +545,9 @@ def test_summary_command(tmp_path, capsys):
     # as a command: one line and exit code 1, as every script
     bad = _run("ssd_lightning.summary", "model.backbone=resnet99", cwd=tmp_path)
     assert bad.returncode == 1, bad.stderr
-    assert bad.stderr.strip().splitlines() == [
-        "error: unknown backbone 'resnet99': expected one of resnet18, resnet34, resnet50, resnet101, resnet152"
-    ]
+    backbones = "resnet18, resnet34, resnet50, resnet101, resnet152"
+    expected = f"unknown backbone 'resnet99': expected one of {backbones}"
+    assert bad.stderr.strip().splitlines() == [f"error: {expected}"]
 
     proc = _run("ssd_lightning.summary", "model.backbone=resnet18", "model.num_classes=5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

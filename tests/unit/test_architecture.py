@@ -267,9 +267,15 @@ def upward_imports(pkg: Package, layers: Layers) -> list[str]:
 
 
 def foundation_imports(pkg: Package, layers: Layers) -> list[str]:
-    """Imports of anything of the package by a module of the lowest layer."""
+    """Imports of the package by a module of the lowest layer: its first module (the errors) imports nothing
+    of the package, the others only that first module (the file writer raises the errors)."""
+    errors = layers[0][1][0]
     return _by_location(
-        {f"{pkg.where(r)} -> {t}" for r, t in project_imports(pkg) if layer_of(r.module, layers) == [0]}
+        {
+            f"{pkg.where(r)} -> {t}"
+            for r, t in project_imports(pkg)
+            if layer_of(r.module, layers) == [0] and (r.module == errors or t != errors)
+        }
     )
 
 

@@ -1,5 +1,6 @@
-"""The fast path (ssd_lightning.training.fastpath): compile / channels_last give eager's outputs; the optimizer kernel
-switch; host-sync accounting; the Lightning callback. (The batched post-processing: test_postprocess.py.)"""
+"""The fast path (ssd_lightning.training.fastpath): compile / channels_last give eager's outputs; the
+optimizer kernel switch; host-sync accounting; the Lightning callback. (The batched post-processing:
+test_postprocess.py.)"""
 
 from __future__ import annotations
 
