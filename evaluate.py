@@ -16,11 +16,13 @@ import hydra
 from omegaconf import DictConfig
 
 from ssd_lightning.runtime.entry import run_entry_point, run_task
-from ssd_lightning.tasks.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
+    # lazy: torch, Lightning and DALI load once Hydra has composed the config (a config error is instant)
+    from ssd_lightning.tasks.evaluate import evaluate
+
     metrics = run_task(evaluate, cfg)
     return metrics.get("AP")
 

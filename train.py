@@ -18,11 +18,13 @@ import hydra
 from omegaconf import DictConfig
 
 from ssd_lightning.runtime.entry import run_entry_point, run_task
-from ssd_lightning.tasks.train import train_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # lazy: torch, Lightning and DALI load once Hydra has composed the config (a config error is instant)
+    from ssd_lightning.tasks.train import train_task
+
     # a sweep optimises the value returned here (optimized_metric, val/AP by default)
     return run_task(train_task, cfg)
 

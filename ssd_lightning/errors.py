@@ -15,6 +15,7 @@ __all__ = [
     "DataWarning",
     "ExportError",
     "NonFiniteLossError",
+    "PeerLostError",
     "WriteError",
 ]
 
@@ -50,6 +51,10 @@ class WriteError(OSError):
         return str(self.strerror)
 
 
+class PeerLostError(RuntimeError):
+    """A DDP rank died (killed, out of memory, a lost node): the survivors stop, naming it and the resume."""
+
+
 class ExportError(ConfigError):
     """An exported model file that cannot be written or does not reproduce the PyTorch model."""
 
@@ -61,5 +66,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     DataError,
     CheckpointError,
     NonFiniteLossError,
+    PeerLostError,
     WriteError,
 )

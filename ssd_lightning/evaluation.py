@@ -246,18 +246,40 @@ def _coco_from_dataset(dataset: dict, backend: str, source: str) -> Any:
             f"{source} is not a COCO annotation file: it needs 'images', 'annotations' and 'categories'"
         )
     for ann in dataset["annotations"]:
-        missing = [k for k in ("image_id", "category_id", "bbox", "area") if k not in ann]
+        missing = [k for k in ("image_id", "category_id", "bbox") if k not in ann]
         if missing:
             raise ValueError(
                 f"{source}: annotation {ann.get('id', '?')} lacks {', '.join(missing)}; COCO bbox evaluation "
-                "needs image_id, category_id, bbox and area on every annotation"
+                "needs image_id, category_id and bbox on every annotation"
             )
+    dataset = complete_bbox_fields(dataset)
     coco_cls = _coco_class(backend)
     with _quiet(backend):
         coco = coco_cls() if backend == "pycocotools" else coco_cls(print_function=_silent)
         coco.dataset = dataset
         coco.createIndex()
     return coco
+
+
+def complete_bbox_fields(dataset: dict) -> dict:
+    """``dataset`` with what bbox-only exporters leave out filled in (a shallow copy; the input is not
+    changed): ``area`` = box width x height (the usual bbox-only convention; COCO's own files give the mask
+    area), ``iscrowd`` = 0, and an ``id`` for annotations without one. Returns ``dataset`` itself when
+    nothing is missing."""
+    annotations = dataset["annotations"]
+    if all("area" in a and "iscrowd" in a and "id" in a for a in annotations):
+        return dataset
+    taken = {a["id"] for a in annotations if "id" in a}
+    next_id = max((i for i in taken if isinstance(i, int)), default=0) + 1
+    completed = []
+    for ann in annotations:
+        ann = dict(ann)
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+        if "id" not in ann:
+            ann["id"], next_id = next_id, next_id + 1
+        completed.append(ann)
+    return {**dataset, "annotations": completed}
 
 
 def load_annotations(annotations: Any, backend: str = "faster_coco_eval") -> Any:

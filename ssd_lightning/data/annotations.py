@@ -67,6 +67,7 @@ class SanitiseReport:
     outside: int = 0
     clipped: int = 0
     repaired: int = 0  # boxes over the edge by float noise only (< 0.5 px): fixed without a warning
+    no_area: int = 0  # kept annotations without 'area' (bbox-only exporters): evaluation takes w x h
     examples: dict[str, list] = field(default_factory=dict)
 
     @property
@@ -104,6 +105,11 @@ class SanitiseReport:
         if self.clipped:
             text += ("; " if text else "") + f"clipped {self.clipped} boxes reaching outside their image"
             text += eg("clipped")
+        if self.no_area:
+            text += ("; " if text else "") + (
+                f"{self.no_area} annotations have no 'area'{eg('no_area')}: evaluation uses the box's "
+                "width x height (the bbox-only convention)"
+            )
         return text
 
 
@@ -316,6 +322,8 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if fixed is None:
             continue
         kept.append(a if fixed is box else {**a, "bbox": fixed})
+        if "area" not in a:
+            report.note("no_area", name)
         annotated.add(iid)
         if not a.get("iscrowd", 0):
             annotated_non_crowd.add(iid)
@@ -404,6 +412,8 @@ def warn_sanitised(ann: CocoAnnotations, reader_file: Path) -> None:
             DataWarning,
             stacklevel=3,
         )
+    elif ann.report.no_area:
+        warnings.warn(f"{ann.path}: {ann.report.summary()}", DataWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,6 +44,9 @@ def user_error(err: BaseException) -> BaseException | None:
         cause = err.__cause__ or err.__context__
         while isinstance(cause, InstantiationException) and (cause.__cause__ or cause.__context__):
             cause = cause.__cause__ or cause.__context__
+        # lazy: Lightning takes seconds to import, and a config error must be reported without it
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
+
         if isinstance(cause, _OURS + (ValueError, TypeError, OSError, MisconfigurationException)):
             return cause
         if cause is None:

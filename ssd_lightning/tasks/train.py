@@ -30,6 +30,7 @@ from ssd_lightning.runtime.config_check import check_config
 from ssd_lightning.runtime.ddp_sweeps import JobScope, in_multirun, install_ddp_sweep_support
 from ssd_lightning.runtime.results import metric_value, print_table, quiet_known_warnings
 from ssd_lightning.training.callbacks import ModelSummaryPrinter, exit_preempted
+from ssd_lightning.training.peers import PeerLossReport, peer_loss_error
 
 log = logging.getLogger("ssd_lightning")
 
@@ -53,7 +54,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if global_rank_from_env() == 0:
             keep_previous_metrics(cfg)  # a run directory used again (requeue): the CSV logger would erase it
         loggers = instantiate_loggers(cfg)
-        callbacks = instantiate_callbacks(cfg, have_logger=bool(loggers)) + [ModelSummaryPrinter()]
+        callbacks = instantiate_callbacks(cfg, have_logger=bool(loggers)) + [
+            ModelSummaryPrinter(),
+            PeerLossReport(),
+        ]
         trainer = build_trainer(cfg, callbacks, loggers)
         ckpt_path = resolve_ckpt_path(
             cfg, multirun=in_multirun()
@@ -64,6 +68,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path or None)
         except SIGTERMException:  # preempted: the checkpoint is written (PreemptionCheckpoint), exit 143
             exit_preempted(trainer)
+        except Exception as err:  # a dead DDP rank: one line naming it and the resume (PeerLossReport)
+            lost = peer_loss_error(callbacks)
+            if lost is None:
+                raise
+            raise lost from err
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero and getattr(model, "val_metrics", None):
             print_table(model.val_metrics, f"COCO evaluation after {trainer.current_epoch} epochs:")

@@ -1,11 +1,11 @@
 """Checkpoint files that take no more disk than they must, and a warning when the run directory is too small.
 
-* :class:`BestCheckpoint`: ``best.ckpt`` (best ``val/AP``) as a hard link to ``last.ckpt`` when both hold the
-  same weights, i.e. when the best validation is the one right after the epoch ``last.ckpt`` was written
-  (the usual case while a run still improves). The two names then share one file on disk; when ``last.ckpt``
-  is next replaced (atomically: a new file renamed over it), ``best.ckpt`` keeps the old one. Otherwise, or on
-  a file system without hard links, it is a full copy as Lightning writes it. Resuming always uses
-  ``last.ckpt``; ``best.ckpt`` is for evaluation (a linked one resumes just before that validation).
+* :class:`LinkedCheckpoint` (``last.ckpt`` and ``best.ckpt``): both are written at the end of a training
+  epoch, ``best.ckpt`` first (after the epoch's validation has given its ``val/AP``), ``last.ckpt`` next. When
+  the second file of an epoch end would hold exactly what the first holds (the same step of the same epoch
+  end), it is a hard link to the first instead of a second full copy. When one of them is next replaced
+  (atomically: a new file renamed over it) the other keeps the old file. Without a new best the two are
+  separate files, as they must be; on a file system without hard links it is a full copy, as before.
 * :class:`CheckpointSpaceCheck`: at the start of training, rank 0 compares the room the checkpoints need
   (every checkpoint file, plus one temporary copy while a file is replaced) with the free space of their
   folder, and logs one warning when it is short, before the first epoch rather than after an hour.
@@ -26,46 +26,64 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from ssd_lightning.checkpoints.io import tensor_bytes
 from ssd_lightning.fileio import format_bytes, free_bytes, fsync_dir, temporary_path
 
-__all__ = ["BestCheckpoint", "CheckpointSpaceCheck", "estimated_checkpoint_bytes"]
+__all__ = ["CheckpointSpaceCheck", "LinkedCheckpoint", "estimated_checkpoint_bytes"]
 
 log = logging.getLogger("ssd_lightning")
 
 
-def _last_checkpoint(trainer: pl.Trainer, exclude: ModelCheckpoint) -> ModelCheckpoint | None:
-    """The run's ``last.ckpt`` writer: a ModelCheckpoint without a monitor, other than ``exclude``."""
-    for callback in trainer.checkpoint_callbacks:
-        if callback is not exclude and isinstance(callback, ModelCheckpoint) and callback.monitor is None:
-            return callback
-    return None
+def _same_moment(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` saves only at training-epoch ends (then two such saves at one global step hold
+    the same trainer state)."""
+    return (
+        callback._save_on_train_epoch_end is True
+        and not callback._every_n_train_steps
+        and callback._train_time_interval is None
+    )
 
 
-class BestCheckpoint(ModelCheckpoint):
-    """:class:`ModelCheckpoint` for the best model that hard-links ``last.ckpt`` when it holds the same
-    weights (see the module docstring). Takes ModelCheckpoint's arguments; ``link_last=False`` turns the
-    link off."""
+class LinkedCheckpoint(ModelCheckpoint):
+    """:class:`ModelCheckpoint` that hard-links the file another LinkedCheckpoint wrote at the same epoch end
+    (see the module docstring). Takes ModelCheckpoint's arguments; saves at training-epoch ends
+    (``save_on_train_epoch_end`` is forced on); ``link=False`` turns the linking off."""
 
-    def __init__(self, *args: Any, link_last: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, link: bool = True, **kwargs: Any) -> None:
+        kwargs["save_on_train_epoch_end"] = True
         super().__init__(*args, **kwargs)
-        self.link_last = bool(link_last)
+        self.link = bool(link)
 
-    def _linkable_source(self, trainer: pl.Trainer) -> Path | None:
-        """``last.ckpt`` when it was written at this global step (no optimizer step since), else None."""
-        last = _last_checkpoint(trainer, self) if self.link_last else None
-        if last is None or not last._last_checkpoint_saved:
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: checkpoints written before this class existed restore its best score
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__) :]
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # before the first validation there is no val/AP yet: nothing to compare, nothing to say
+        if self.monitor is not None and self.monitor not in monitor_candidates:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _peer_file(self, trainer: pl.Trainer) -> Path | None:
+        """The file another LinkedCheckpoint wrote at this epoch end (this global step), else None."""
+        if not self.link:
             return None
-        if (
-            last._last_global_step_saved != trainer.global_step
-            or self.save_weights_only != last.save_weights_only
-        ):
-            return None
-        source = Path(last._last_checkpoint_saved)
-        return source if source.is_file() else None
+        for peer in trainer.checkpoint_callbacks:
+            if (
+                peer is not self
+                and isinstance(peer, LinkedCheckpoint)
+                and _same_moment(peer)
+                and peer._last_global_step_saved == trainer.global_step
+                and peer.save_weights_only == self.save_weights_only
+                and peer._last_checkpoint_saved
+                and Path(peer._last_checkpoint_saved).is_file()
+            ):
+                return Path(peer._last_checkpoint_saved)
+        return None
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        source = self._linkable_source(trainer)
+        source = self._peer_file(trainer)
         linked = False
         if source is not None and trainer.is_global_zero:
-            linked = _hard_link(source, Path(filepath))
+            linked = source != Path(filepath) and _hard_link(source, Path(filepath))
         # every rank must take the same branch (Lightning's save has a barrier inside)
         linked = bool(trainer.strategy.broadcast(linked, src=0)) if source is not None else False
         if not linked:
@@ -74,7 +92,7 @@ class BestCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
-            log.info("%s: the same weights as %s (hard link, no second copy)", filepath, source.name)
+            log.info("%s: the same state as %s (hard link, no second copy)", filepath, source.name)
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
 

@@ -11,6 +11,7 @@ from dali_helpers import ann_file, copy_set, image_dir, load_json, save_json
 from PIL import Image
 
 from ssd_lightning.data import COCODataModule, DataError, DataWarning
+from ssd_lightning.evaluation import evaluate_detections
 
 
 def _dm(root, **kw):
@@ -182,6 +183,31 @@ def test_bad_boxes_and_unknown_categories_warn_once_and_are_skipped(root):
             assert int(batch["labels"].max()) <= 3
     assert target not in seen
     assert load_json(ann_file(root)) == doc  # the user's file is untouched; DALI reads a sanitised copy
+
+
+def test_bbox_only_annotations_are_reported_at_start_and_evaluate(root):
+    # exporters that write bbox-only COCO files: no area, iscrowd or segmentation
+    for split in ("train", "val"):
+        doc = load_json(ann_file(root, split))
+        for a in doc["annotations"]:
+            for key in ("area", "iscrowd", "segmentation"):
+                a.pop(key, None)
+        save_json(ann_file(root, split), doc)
+    dm = _dm(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")  # known at start, in the one data report: not discovered at the first validation
+    messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    count = len(load_json(ann_file(root))["annotations"])
+    assert len(messages) == 2 and f"{count} annotations have no 'area'" in messages[0]
+    assert "evaluation uses the box's width x height" in messages[0]
+    assert load_json(ann_file(root))["annotations"][0].keys() == {"id", "image_id", "category_id", "bbox"}
+    # the COCO ground truth of the validation file scores: perfect detections give AP 1
+    val = load_json(ann_file(root, "val"))
+    rows = [
+        {**{k: a[k] for k in ("image_id", "category_id", "bbox")}, "score": 1.0} for a in val["annotations"]
+    ]
+    assert evaluate_detections(dm.val_annotations, rows)["AP"] == pytest.approx(1.0)
 
 
 def test_empty_split_no_images(root):

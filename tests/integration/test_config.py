@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+
+import hydra
 import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
+from pytorch_lightning.strategies import DDPStrategy
 
 from ssd_lightning.data import COCODataModule
 from ssd_lightning.runtime.builders import (
@@ -111,12 +115,20 @@ def test_callback_options(option, tmp_path):
     assert all(isinstance(c, pl.Callback) for c in callbacks)
     if option == "default":
         names = sorted(type(c).__name__ for c in callbacks)
-        expected = ["ModelCheckpoint", "ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar"]
-        reliability = ["PreemptionCheckpoint", "NonFiniteGuard", "RNGState"]
+        expected = ["LinkedCheckpoint", "LinkedCheckpoint", "LearningRateMonitor", "TQDMProgressBar"]
+        reliability = ["PreemptionCheckpoint", "NonFiniteGuard", "CheckpointSpaceCheck", "RNGState"]
         assert names == sorted([*expected, "ValidationSchedule", *reliability, "FastPathCallback"])
         assert [c for c in callbacks if type(c).__name__ == "LearningRateMonitor"]
         without_logger = instantiate_callbacks(cfg, have_logger=False)
         assert "LearningRateMonitor" not in {type(c).__name__ for c in without_logger}
+
+
+def test_ddp_timeout_is_a_config_key(tmp_path):
+    cfg = compose_config("train", ["trainer=ddp", "trainer.strategy.timeout.seconds=600"], tmp_path)
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, DDPStrategy) and strategy._timeout == datetime.timedelta(seconds=600)
+    default = compose_config("train", ["trainer=ddp"], tmp_path).trainer.strategy.timeout.seconds
+    assert default == 1800  # the README's figure (Lightning's and torch's default)
 
 
 def test_optuna_search_composes(tmp_path):

@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ssd_lightning.checkpoints import AtomicCheckpointIO
 from ssd_lightning.checkpoints.io import find_last_checkpoint, resolve_ckpt_path
-from ssd_lightning.errors import NonFiniteLossError
+from ssd_lightning.errors import NonFiniteLossError, WriteError
 from ssd_lightning.runtime.builders import build_module, instantiate_callbacks
 from ssd_lightning.runtime.entry import run_task
 from ssd_lightning.tasks.train import train
 from ssd_lightning.training.callbacks import PREEMPTED_EXIT_CODE, NonFiniteGuard
+from ssd_lightning.training.checkpointing import LinkedCheckpoint
 
 from .hydra_helpers import TINY, compose_config
 
@@ -206,6 +208,29 @@ def test_non_finite_loss_is_skipped_then_stops_training_with_the_good_model(
         assert not value.is_floating_point() or bool(torch.isfinite(value).all()), key
 
 
+def test_a_new_best_epoch_writes_one_file_for_best_and_last(chain):
+    # run A validates once, after its last epoch: best.ckpt, then last.ckpt of the same epoch end -> one file
+    checkpoints = Path(chain["A"]["trainer"].default_root_dir) / "checkpoints"
+    best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
+    assert best.stat().st_ino == last.stat().st_ino and best.stat().st_nlink == 2
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2 * STEPS_PER_EPOCH
+    for key, value in _weights(chain["A"]).items():
+        assert torch.equal(saved["state_dict"][key], value), key
+    # what a resume reads: the best score of this epoch's validation is in last.ckpt
+    best_state = next(v for k, v in saved["callbacks"].items() if "val/AP" in k)
+    assert float(best_state["best_model_score"]) == pytest.approx(
+        chain["A"]["model"].val_metrics["AP"], rel=1e-6
+    )
+    # replacing last.ckpt (atomically: a new file renamed over it) leaves best.ckpt's file as it was
+    AtomicCheckpointIO().save_checkpoint({"step": -1}, last)
+    assert best.stat().st_nlink == 1 and torch.load(best, weights_only=True)["global_step"] == 4
+    # the callback state keeps ModelCheckpoint's key: checkpoints written before LinkedCheckpoint restore it
+    plain = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/AP", mode="max")
+    ours = LinkedCheckpoint(dirpath=checkpoints, filename="best", monitor="val/AP", mode="max")
+    assert ours.state_key == plain.state_key
+
+
 def test_a_failed_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
@@ -217,8 +242,12 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError) as failed:
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    # one line: what, where, how much (3 float32 = 12 B), and that nothing was lost
+    assert str(failed.value).startswith(f"no space left on device while writing {path} (12 B needed, ")
+    assert str(failed.value).endswith(f" free); the previous checkpoint {path} is intact")
+    assert failed.value.errno == 28 and "\n" not in str(failed.value)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1  # the previous checkpoint, complete
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no .tmp left behind

@@ -17,6 +17,7 @@ import torch
 from ssd_lightning.evaluation import (
     BACKENDS,
     METRIC_NAMES,
+    complete_bbox_fields,
     detections_to_coco,
     evaluate_detections,
     format_table,
@@ -358,10 +359,28 @@ def test_user_errors_are_one_clear_line(gt_path: Path, tmp_path: Path):
         evaluate_detections(gt_path, [{"image_id": 10, "category_id": 2, "bbox": [0, 0, 1, 1]}])
     with pytest.raises(ValueError, match="pycocotools"):
         evaluate_detections(gt_path, [], backend="torchmetrics")
-    no_area = _gt_dict()
-    del no_area["annotations"][0]["area"]
-    with pytest.raises(ValueError, match="area"):
-        evaluate_detections(no_area, [])
+    no_bbox = _gt_dict()
+    del no_bbox["annotations"][0]["bbox"]
+    with pytest.raises(ValueError, match="lacks bbox"):
+        evaluate_detections(no_bbox, [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bbox_only_ground_truth_takes_the_box_area(backend: str):
+    # Many exporters write bbox-only files: no area, iscrowd or id. They score as if area = w x h, iscrowd = 0
+    # (the two objects of test_one_of_two_found_by_hand: 1600 and 1050 px, both medium; AP = 51/101).
+    full = _two_object_gt()
+    bare = _two_object_gt()
+    for ann in bare["annotations"]:
+        for key in ("area", "iscrowd", "id"):
+            del ann[key]
+    rows = [{"image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 40.0, 40.0], "score": 0.9}]
+    scored = evaluate_detections(bare, rows, backend=backend)
+    assert scored == evaluate_detections(full, rows, backend=backend)
+    assert scored["APm"] == pytest.approx(51 / 101) and scored["APs"] == scored["APl"] == -1
+    assert "area" not in bare["annotations"][0]  # the caller's dict is not modified
+    filled = complete_bbox_fields(bare)["annotations"]
+    assert [(a["area"], a["iscrowd"], a["id"]) for a in filled] == [(1600.0, 0, 1), (1050.0, 0, 2)]
 
 
 # ----------------------------------------------------------------------------------------------------------
