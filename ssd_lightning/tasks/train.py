@@ -30,7 +30,7 @@ from ssd_lightning.runtime.config_check import check_config
 from ssd_lightning.runtime.ddp_sweeps import JobScope, in_multirun, install_ddp_sweep_support
 from ssd_lightning.runtime.results import metric_value, print_table, quiet_known_warnings
 from ssd_lightning.training.callbacks import ModelSummaryPrinter, exit_preempted
-from ssd_lightning.training.peers import PeerLossReport, peer_loss_error
+from ssd_lightning.training.peers import PeerLossReport, install_peer_loss_observer, peer_loss_error
 
 log = logging.getLogger("ssd_lightning")
 
@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
 
     install_ddp_sweep_support()
+    install_peer_loss_observer()
     quiet_known_warnings()
     check_config(cfg)
     with JobScope():

@@ -7,21 +7,31 @@ in Lightning's ``on_exception`` hook, before Lightning kills the ranks it starte
 gone: the launching process (global rank 0 on a node) sees which of its child processes has ended and how; a
 rank it started sees when the launching process itself is gone. The task then raises
 :class:`~ssd_lightning.errors.PeerLostError`, one ``error:`` line with exit code 1.
+
+Lightning's launcher also watches its children from a thread (every 5 s) and, when one has died, SIGKILLs
+every process, itself included: whichever notices first would decide whether the user sees our line and exit
+code 1, or Lightning's log line and exit code -9. :func:`install_peer_loss_observer` replaces that watcher by
+one that prints the same ``error:`` line and exits with code 1 (after killing the other children, as
+Lightning's does) when it is first.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import lightning_fabric.strategies.launchers.subprocess_script as fabric_launcher
 import pytorch_lightning as pl
+import pytorch_lightning.strategies.launchers.subprocess_script as pl_launcher
 import torch
 
 from ssd_lightning.errors import PeerLostError
 
-__all__ = ["PeerLossReport", "is_peer_loss", "lost_ranks"]
+__all__ = ["PeerLossReport", "install_peer_loss_observer", "is_peer_loss", "lost_ranks", "peer_loss_error"]
 
 # what gloo and NCCL say when the other end of a collective has gone away
 _PEER_LOSS_PHRASES = (
@@ -76,18 +86,67 @@ class PeerLossReport(pl.Callback):
 
     def __init__(self) -> None:
         self.error: PeerLostError | None = None
+        self._trainer: pl.Trainer | None = None
+        self._lock = threading.Lock()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        global _ACTIVE
+        self._trainer, _ACTIVE = trainer, self
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if trainer.world_size < 2 or not is_peer_loss(exception):
+        if trainer.world_size >= 2 and is_peer_loss(exception):
+            self.record(trainer)
+
+    def record(self, trainer: pl.Trainer) -> bool:
+        """Describe the lost rank once (from whichever thread notices first); True for the first caller."""
+        with self._lock:
+            if self.error is not None:
+                return False
+            lost = ", ".join(lost_ranks(trainer)) or "another rank"
+            self.error = PeerLostError(
+                f"rank {trainer.global_rank} of {trainer.world_size} lost {lost} at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}; the run cannot go on without it: "
+                f"{_resume_hint(trainer)}"
+            )
+            return True
+
+
+# the report of the fit running in this process (the observer thread has no other way to the trainer)
+_ACTIVE: PeerLossReport | None = None
+
+
+class _ReportingObserver(fabric_launcher._ChildProcessObserver):
+    """Lightning's child-process watcher (a private class of lightning_fabric 2.6), ending with our line."""
+
+    def _terminate_all(self) -> None:
+        report = _ACTIVE
+        if report is None or report._trainer is None:
+            super()._terminate_all()  # not training: Lightning's behaviour
             return
-        lost = ", ".join(lost_ranks(trainer)) or "another rank"
-        self.error = PeerLostError(
-            f"rank {trainer.global_rank} of {trainer.world_size} lost {lost} at epoch "
-            f"{trainer.current_epoch}, step {trainer.global_step}; the run cannot go on without it: "
-            f"{_resume_hint(trainer)}"
-        )
+        first = report.record(report._trainer)
+        for proc in self._child_processes:
+            proc.send_signal(self._termination_signal)
+        if first:  # the main thread has not noticed (it may hang in a collective): report and end from here
+            print(f"error: {report.error}", file=sys.stderr, flush=True)
+            os._exit(1)
+        # else the main thread is already on its way out with the same line and exit code 1
+
+
+def _launch_observer(child_processes: list[Any]) -> None:
+    _ReportingObserver(child_processes=child_processes, main_pid=os.getpid()).start()
+
+
+def install_peer_loss_observer() -> None:
+    """Make Lightning's launcher watch its children with :class:`_ReportingObserver` (idempotent)."""
+    for module in (fabric_launcher, pl_launcher):
+        module._launch_process_observer = _launch_observer
 
 
 def _resume_hint(trainer: pl.Trainer) -> str:
