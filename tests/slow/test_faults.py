@@ -57,7 +57,7 @@ def test_a_full_run_directory_warns_at_start_and_ends_in_one_line(synthetic_coco
     output = (tmp_path / "train.out").read_text()
     # the warning came at the start of training (before any checkpoint was written), with the sizes
     warning = next(ln for ln in output.splitlines() if "the checkpoint folder" in ln)
-    assert "free but the checkpoints need about" in warning and "(last.ckpt, best.ckpt and one" in warning
+    assert "free but the checkpoints need about" in warning and "(best.ckpt, last.ckpt and one" in warning
     # epoch 0's last.ckpt fitted; epoch 1's did not: one line, and the previous checkpoint is intact
     last = run / "checkpoints" / "last.ckpt"
     (line,) = _error_lines(tmp_path)
