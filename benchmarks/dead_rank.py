@@ -20,7 +20,8 @@ from pathlib import Path
 from ssd_lightning.data.synthetic import write_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
+# the quickstart recipe, shortened, on 2 CPU DDP ranks (gloo), 3 steps per epoch on the 16-image set
+OVERRIDES = [
     "experiment=quickstart",
     "data.num_threads=1",
     "optim.warmup_steps=2",
@@ -54,7 +55,7 @@ def trial(work: Path, data: Path, n: int) -> tuple[float, int, str]:
     run, log = work / f"run{n}", work / f"train{n}.out"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *TINY, f"data.root={data}", f"hydra.run.dir={run}"],
+            [sys.executable, str(REPO / "train.py"), *OVERRIDES, f"data.root={data}", f"hydra.run.dir={run}"],
             cwd=work,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -21,6 +21,14 @@ TINY = [
     "callbacks.progress_bar.refresh_rate=0",
     "trainer.log_every_n_steps=1",
 ]
+# two DDP processes on the CPU (Lightning starts rank 1), batch 2 per rank: 3 steps per epoch on the test set
+TWO_CPU_RANKS = [
+    "data.batch_size=2",
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.precision=32-true",
+]
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:

@@ -15,7 +15,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from integration.hydra_helpers import TINY  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
+from dead_rank import rank_one  # noqa: E402  (the benchmark of the same fault finds rank 1 the same way)
+from integration.hydra_helpers import TINY, TWO_CPU_RANKS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -70,45 +72,23 @@ def test_a_full_run_directory_warns_at_start_and_ends_in_one_line(synthetic_coco
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
 
 
-def _rank_one(launcher: int, timeout: float = 120) -> int:
-    """The pid of the DDP rank Lightning's launcher ``launcher`` started (LOCAL_RANK=1)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                environ = Path(f"/proc/{pid}/environ").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == launcher and b"LOCAL_RANK=1\x00" in environ:
-                return int(pid)
-        time.sleep(0.2)
-    raise AssertionError("rank 1 did not start")
-
-
 def test_a_killed_ddp_rank_ends_the_survivor_in_one_line(synthetic_coco, tmp_path):
     run = tmp_path / "run"
     proc = _train(
         tmp_path,
         f"data.root={synthetic_coco}",
         f"hydra.run.dir={run}",
-        "data.batch_size=2",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
+        *TWO_CPU_RANKS,
         "trainer.max_epochs=50",
     )
     try:
-        rank_one = _rank_one(proc.pid)
+        victim = rank_one(proc.pid)
         last = run / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 300
         while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert last.exists(), (tmp_path / "train.out").read_text()[-3000:]
-        os.kill(rank_one, signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         assert proc.wait(timeout=120) == 1, (tmp_path / "train.out").read_text()[-3000:]
         assert time.monotonic() - killed_at < 60  # gloo notices a dead peer at once

@@ -18,7 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from integration.hydra_helpers import TINY, compose_config  # noqa: E402
+from integration.hydra_helpers import TINY, TWO_CPU_RANKS, compose_config  # noqa: E402
 
 from ssd_lightning.tasks.train import train  # noqa: E402
 
@@ -201,11 +201,7 @@ def _ddp_train(tmp_path: Path, run: Path, data: Path, *overrides: str) -> subpro
         tmp_path,
         f"data.root={data}",
         f"hydra.run.dir={run}",
-        "data.batch_size=2",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
+        *TWO_CPU_RANKS,
         *overrides,
     )
 
