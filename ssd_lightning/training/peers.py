@@ -60,10 +60,13 @@ def is_peer_loss(err: BaseException | None) -> bool:
 
 
 def _exit_text(code: int) -> str:
-    if code < 0:
-        with_signal = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
-        return f"killed by {with_signal}"
-    return f"exited with code {code}"
+    """``killed by SIGKILL`` for a negative return code (Popen's signal convention), else the exit code."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def lost_ranks(trainer: pl.Trainer) -> list[str]:
