@@ -92,7 +92,7 @@ class ValidationSchedule(pl.Callback):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reliability: preemption, non-finite losses, RNG states (see ssd_lightning/reliability.py)
+# Reliability: preemption, non-finite losses, RNG states (README "Reliability", docs/ARCHITECTURE.md traps)
 # ----------------------------------------------------------------------------------------------------
 
 
