@@ -208,7 +208,9 @@ def with_values(cfg: DictConfig, **values: Any) -> DictConfig:
     return out
 
 
-def format_bytes(n: Any) -> str:
+def format_binary_bytes(n: Any) -> str:
+    """Bytes in binary units for the benchmark table (``1.50 GiB``; ``-`` when unknown); messages to users
+    use :func:`ssd_lightning.fileio.format_bytes` (decimal, as ``df -H``)."""
     if not isinstance(n, (int, float)) or n <= 0:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -255,7 +257,7 @@ def format_results(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['batch_size']} | {r.get('device', '-')} | {r.get('precision', '-')} | "
             f"{ips['median']:.1f} | {ips.get('min', nan):.1f} - {ips.get('max', nan):.1f} | "
-            f"{format_ms(lat.get('p50'))} | {format_ms(lat.get('p99'))} | {format_bytes(peak)} |"
+            f"{format_ms(lat.get('p50'))} | {format_ms(lat.get('p99'))} | {format_binary_bytes(peak)} |"
         )
     return "\n".join(lines)
 
