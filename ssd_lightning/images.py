@@ -19,7 +19,15 @@ from torchvision.utils import draw_bounding_boxes
 from ssd_lightning.boxes import FIG_SIZE
 from ssd_lightning.categories import CategoryMap
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INPUT_SIZE", "draw_detections", "preprocess", "read_image"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INPUT_SIZE",
+    "draw_detections",
+    "preprocess",
+    "read_image",
+    "squash_resize",
+]
 
 #: the network's input side in pixels (SSD300)
 INPUT_SIZE = FIG_SIZE
@@ -45,17 +53,23 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def squash_resize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``[(N,) 3, H, W]`` -> uint8 ``[(N,) 3, 300, 300]``: the picture the network sees (bilinear,
+    antialiased, aspect ratio not kept), before the normalisation of :func:`preprocess`."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"preprocess expects uint8 RGB images, got {images.dtype}")
+    return F.resize(
+        images, [INPUT_SIZE, INPUT_SIZE], interpolation=F.InterpolationMode.BILINEAR, antialias=True
+    )
+
+
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """The validation preprocessing: uint8 RGB ``[(N,) 3, H, W]`` -> float32 ``[(N,) 3, 300, 300]``.
 
     Squash-resize to 300x300 (bilinear, antialiased, rounded to uint8 as DALI's resize of a uint8 image), then
     ``(x / 255 - mean) / std`` with the ImageNet mean/std of the DALI pipelines.
     """
-    if images.dtype != torch.uint8:
-        raise TypeError(f"preprocess expects uint8 RGB images, got {images.dtype}")
-    resized = F.resize(
-        images, [INPUT_SIZE, INPUT_SIZE], interpolation=F.InterpolationMode.BILINEAR, antialias=True
-    )
+    resized = squash_resize(images)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
     return (resized.float() / 255.0 - mean) / std
@@ -73,15 +87,20 @@ def draw_detections(
     image: torch.Tensor,
     boxes: torch.Tensor,
     labels: Sequence[int],
-    scores: Sequence[float],
+    scores: Sequence[float] | None,
     categories: CategoryMap,
 ) -> torch.Tensor:
     """``image`` (uint8 ``[3, H, W]``) with ``boxes`` (``[K, 4]`` ltrb pixels) drawn, captioned
-    ``<class name> <score>``, one colour per class (label 1..C-1)."""
+    ``<class name> <score>`` (``<class name>`` alone when ``scores`` is None, e.g. ground truth), one colour
+    per class (label 1..C-1)."""
     if len(boxes) == 0:
         return image
     palette = _palette(len(categories.names))
-    captions = [f"{categories.names[int(c) - 1]} {float(s):.2f}" for c, s in zip(labels, scores, strict=True)]
+    names = [categories.names[int(c) - 1] for c in labels]
+    if scores is None:
+        captions = names
+    else:
+        captions = [f"{name} {float(s):.2f}" for name, s in zip(names, scores, strict=True)]
     colors = [palette[int(c) - 1] for c in labels]
     width = max(1, round(max(image.shape[1:]) / 300))
     return draw_bounding_boxes(

@@ -296,6 +296,11 @@ class COCODataModule(pl.LightningDataModule):
         return self._split_paths("val")[1]
 
     @property
+    def val_image_dir(self) -> Path:
+        """The folder of the validation images (``file_name`` in the val annotations is relative to it)."""
+        return self._split_paths("val")[0]
+
+    @property
     def val_image_ids(self) -> list[int]:
         """Sorted ids of the images the val/test pipeline yields (each exactly once per epoch over all
         ranks)."""

@@ -8,7 +8,11 @@ Every script (``train.py``, ``evaluate.py``, ``predict.py``, ``export.py``, ``be
 * the errors a user can cause (:data:`ssd_lightning.errors.USER_ERRORS`, OmegaConf value errors, and a
   ``ValueError``/``TypeError``/``OSError`` raised while Hydra instantiates an object from the config) the
   same, from :func:`run_task` inside each Hydra job (so that each job of a sweep reports its own);
+* ``hydra/launcher=slurm`` on a machine that is not on a SLURM cluster (submitit finds no ``srun``), or a job
+  that ``sbatch`` refuses, ends in one line saying so and how to run the sweep here instead;
 * anything else is a bug and keeps its full traceback.
+
+It also keeps third-party chatter off the console first (:mod:`ssd_lightning.runtime.quiet`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from ssd_lightning.errors import USER_ERRORS
+from ssd_lightning.runtime.quiet import quiet_third_party_output
 
-__all__ = ["hydra_error_line", "one_line", "run_entry_point", "run_task", "user_error"]
+__all__ = ["hydra_error_line", "one_line", "run_entry_point", "run_task", "slurm_error_line", "user_error"]
 
 _OURS = (*USER_ERRORS, OmegaConfBaseException)
 
@@ -118,6 +123,21 @@ def hydra_error_line(err: BaseException) -> str:
     return " ".join(ln for ln in lines if not ln.startswith("provider=")) or type(err).__name__
 
 
+_RUN_HERE = "to run the sweep on this machine instead, leave out hydra/launcher=slurm"
+
+
+def slurm_error_line(err: BaseException) -> str | None:
+    """One line for submitit's failure to reach SLURM (``hydra/launcher=slurm``), else None."""
+    if isinstance(err, RuntimeError) and 'Could not detect "srun"' in str(err):
+        return (
+            "hydra/launcher=slurm submits every job with sbatch (submitit), but this machine cannot reach a "
+            f"SLURM cluster (no srun on PATH): run the command on a SLURM login node; {_RUN_HERE}"
+        )
+    if type(err).__name__ == "FailedSubmissionError" and type(err).__module__.startswith("submitit"):
+        return f"sbatch refused the job (hydra/launcher=slurm): {one_line(err)}; {_RUN_HERE}"
+    return None
+
+
 def run_entry_point(main: Callable[[], Any]) -> Any:
     """Call a script's ``main`` (a ``@hydra.main`` function, or any callable) so that Hydra's config errors
     and user errors end in one line ``error: ...`` on stderr with exit code 1 (see the module docstring).
@@ -125,6 +145,7 @@ def run_entry_point(main: Callable[[], Any]) -> Any:
     Hydra prints its composition errors itself over several lines; with ``HYDRA_FULL_ERROR=1`` it raises them
     instead, which is what this sets. A user who set ``HYDRA_FULL_ERROR`` gets Hydra's own behaviour for them.
     """
+    quiet_third_party_output()
     hydra_full = "HYDRA_FULL_ERROR" in os.environ
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
@@ -135,6 +156,7 @@ def run_entry_point(main: Callable[[], Any]) -> Any:
         _exit_with(hydra_error_line(err))
     except Exception as err:
         cause = user_error(err)
-        if cause is None:
+        line = one_line(cause) if cause is not None else slurm_error_line(err)
+        if line is None:
             raise
-        _exit_with(one_line(cause))
+        _exit_with(line)
