@@ -114,8 +114,23 @@ def instantiate_loggers(cfg: DictConfig) -> list[Any]:
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None or "_target_" not in conf:
             raise ConfigError(f"logger.{name} has no _target_; pick loggers with logger=[csv,tensorboard]")
+        if str(conf["_target_"]).endswith("MLFlowLogger") and global_rank_from_env() == 0:
+            ensure_mlflow_experiment(conf)
         loggers.append(hydra.utils.instantiate(conf, _convert_="all"))
     return loggers
+
+
+def ensure_mlflow_experiment(conf: Any) -> None:
+    """Create the MLflow experiment of an ``MLFlowLogger`` config when its store does not have it yet, with
+    one INFO line (Lightning would create it with a warning that reads like trouble on every first run)."""
+    # lazy: mlflow is the optional extra behind logger=mlflow, imported only when that logger is configured
+    from mlflow import MlflowClient
+
+    tracking_uri, name = conf.get("tracking_uri"), conf.get("experiment_name", "lightning_logs")
+    client = MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=conf.get("artifact_location"))
+        log.info("MLflow experiment %r created in %s", name, client.tracking_uri)
 
 
 def instantiate_callbacks(cfg: DictConfig, have_logger: bool) -> list[pl.Callback]:

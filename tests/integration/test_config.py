@@ -117,7 +117,9 @@ def test_callback_options(option, tmp_path):
         names = sorted(type(c).__name__ for c in callbacks)
         expected = ["LinkedCheckpoint", "LinkedCheckpoint", "LearningRateMonitor", "TQDMProgressBar"]
         reliability = ["PreemptionCheckpoint", "NonFiniteGuard", "CheckpointSpaceCheck", "RNGState"]
-        assert names == sorted([*expected, "ValidationSchedule", *reliability, "FastPathCallback"])
+        assert names == sorted(
+            [*expected, "ValidationSchedule", "ValidationPictures", *reliability, "FastPathCallback"]
+        )
         assert [c for c in callbacks if type(c).__name__ == "LearningRateMonitor"]
         without_logger = instantiate_callbacks(cfg, have_logger=False)
         assert "LearningRateMonitor" not in {type(c).__name__ for c in without_logger}
