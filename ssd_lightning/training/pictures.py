@@ -115,7 +115,12 @@ class ValidationPictures(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or self.num_images == 0:
             return
         if self._samples is None:
-            self._samples = load_samples(trainer.datamodule, self.num_images)
+            datamodule = trainer.datamodule
+            if not hasattr(datamodule, "val_image_dir"):  # not a COCODataModule: no files to read
+                log.info("validation pictures need the COCO data module: none drawn")
+                self.num_images = 0
+                return
+            self._samples = load_samples(datamodule, self.num_images)
         if not self._samples:
             return
         picture = self.render(trainer, pl_module)
