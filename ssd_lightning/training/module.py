@@ -26,7 +26,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torchmetrics import MeanMetric
 
 from ssd_lightning.boxes import DefaultBoxes
 from ssd_lightning.checkpoints import CheckpointError, check_label_space, check_num_classes, load_weights_into
@@ -41,6 +40,7 @@ from ssd_lightning.evaluation import (
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.model import SSD300
 from ssd_lightning.postprocess import postprocess
+from ssd_lightning.training.epoch_means import EpochMeans
 from ssd_lightning.training.schedule import WarmupMultiStepLR, param_groups, scaled_lr
 
 __all__ = ["SSDModule"]
@@ -176,9 +176,7 @@ class SSDModule(pl.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = MultiBoxLoss(self.model.default_boxes, neg_pos_ratio=neg_pos_ratio)
-        # epoch means of the training losses (not in the state dict: torchmetrics states are not persistent;
-        # nan_strategy="disable": its NaN check would read the device on every step)
-        self.epoch_means = torch.nn.ModuleDict({n: MeanMetric(nan_strategy="disable") for n in _LOSS_PARTS})
+        self.epoch_means = EpochMeans(_LOSS_PARTS)  # torchmetrics; not in the state dict
 
         #: the 12 COCO metrics of the last completed validation (None before the first one).
         self.val_metrics: dict[str, float] | None = None
@@ -244,14 +242,11 @@ class SSDModule(pl.LightningModule):
 
     def _update_epoch_means(self, parts: Any, batch_size: int) -> None:
         """``train/loss_epoch``, ``train/loss_box_epoch``, ``train/loss_cls_epoch``: the epoch means over all
-        ranks, weighted by batch size. torchmetrics' ``MeanMetric`` adds to sums on the device (no host read
-        per step); Lightning computes it at the epoch end (one all-reduce under DDP) and resets it. A step
-        whose loss is not finite (NonFiniteGuard skips it and reports it) is left out of the mean."""
-        for name, value in zip(_LOSS_PARTS, parts, strict=True):
-            value = value.detach()
-            finite = torch.isfinite(value)
-            mean = self.epoch_means[name]
-            mean.update(torch.where(finite, value, 0.0), torch.where(finite, float(batch_size), 0.0))
+        ranks, weighted by batch size, without a host read per step (:mod:`.epoch_means`). Lightning computes
+        them at the epoch end (one all-reduce under DDP) and resets them. A step whose loss is not finite
+        (NonFiniteGuard skips and reports it) is left out."""
+        self.epoch_means.add(parts, batch_size)
+        for name, mean in self.epoch_means.items():
             self.log(f"train/{name}_epoch", mean, on_step=False, on_epoch=True)
 
     def _log_train_step(self, parts: Any, batch_size: int) -> None:
