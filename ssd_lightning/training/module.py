@@ -10,8 +10,8 @@ Validation (NVIDIA's ``PyTorch/Detection/SSD/ssd/evaluate.py``): per batch, the 
 0.5, 200 detections) turns the outputs into COCO result rows (original image ids and pixels, dataset category
 ids); at the epoch end the rows of all ranks are gathered, duplicates dropped, and rank 0 scores them with the
 official COCO protocol against the data module's annotation file, restricted to the images the validation
-pipeline covers. Every rank logs the same ``val/AP`` (and the 11 other COCO numbers). Lightning's sanity check
-never produces metrics: its partial pass is discarded.
+pipeline covers. Every rank logs the same ``val/AP`` (and the 11 other COCO numbers, and ``val/AP/<class>``).
+Lightning's sanity check never produces metrics: its partial pass is discarded.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ssd_lightning.checkpoints import CheckpointError, check_label_space, check_
 from ssd_lightning.class_metrics import metric_safe
 from ssd_lightning.evaluation import (
     METRIC_NAMES,
+    CocoEvaluation,
     detections_to_coco,
     evaluate_coco,
     load_annotations,
@@ -183,7 +184,7 @@ class SSDModule(pl.LightningModule):
         #: rank 0: the COCO result rows of the last completed validation (all ranks, duplicates dropped).
         self.val_detections: list[dict[str, Any]] | None = None
         #: rank 0: the last completed validation's ``CocoEvaluation`` (per-class table, precision curves).
-        self.val_evaluation: Any = None
+        self.val_evaluation: CocoEvaluation | None = None
         #: the learning rate at the optimizer's first step (after scaling to the global batch).
         self.base_lr: float | None = None
         self._val_rows: list[dict[str, Any]] = []
