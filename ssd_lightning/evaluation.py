@@ -7,8 +7,10 @@ The flow, as NVIDIA SSD300 v1.1 evaluates (NVIDIA's ``PyTorch/Detection/SSD/ssd/
 2. :func:`detections_to_coco` turns them into COCO result rows: original image ids, original (dataset)
    category ids, ``bbox = [x, y, w, h]`` in original image pixels (exact because the resize is a squash).
 3. :func:`merge_detections` joins the rows gathered from DDP ranks and drops padding duplicates.
-4. :func:`evaluate_detections` runs ``COCOeval(iouType="bbox")`` (``evaluate``, ``accumulate``, ``summarize``)
-   with faster-coco-eval (default) or pycocotools; both give the same 12 numbers (``COCOeval.stats``).
+4. :func:`evaluate_coco` (:func:`evaluate_detections`: its 12 numbers only) runs ``COCOeval(iouType="bbox")``
+   (``evaluate``, ``accumulate``, ``summarize``) with faster-coco-eval (default) or pycocotools; both give
+   the same 12 numbers (``COCOeval.stats``), and the per-class AP, AP50 and ground-truth counts are read off
+   the same run's arrays (:mod:`ssd_lightning.class_metrics`).
 5. :func:`format_table` prints them as pycocotools' ``summarize()`` does, character for character, and
    :func:`write_json_atomic` writes ``detections.json`` / ``metrics.json`` without ever leaving half a file.
 
@@ -32,10 +34,14 @@ from typing import Any
 
 import torch
 
+from ssd_lightning.class_metrics import CocoEvaluation, class_keys
+
 __all__ = [
     "BACKENDS",
     "METRIC_NAMES",
+    "CocoEvaluation",
     "detections_to_coco",
+    "evaluate_coco",
     "evaluate_detections",
     "format_table",
     "load_annotations",
@@ -361,6 +367,16 @@ def evaluate_detections(
     image_ids: Iterable[int] | None = None,
     backend: str = "faster_coco_eval",
 ) -> dict[str, float]:
+    """The 12 COCO metrics of :func:`evaluate_coco` (same arguments): ``evaluate_coco(...).metrics``."""
+    return evaluate_coco(annotations, detections, image_ids, backend).metrics
+
+
+def evaluate_coco(
+    annotations: Any,
+    detections: Any,
+    image_ids: Iterable[int] | None = None,
+    backend: str = "faster_coco_eval",
+) -> CocoEvaluation:
     """Score COCO results with the official COCO bbox protocol (``COCOeval(iouType="bbox")``).
 
     Args:
@@ -374,10 +390,11 @@ def evaluate_detections(
             same numbers to 1e-4.
 
     Returns:
-        ``{name: value}`` for :data:`METRIC_NAMES`, in that order (``COCOeval.stats``). ``-1.0`` marks a
-        metric without ground truth to measure it (COCO's convention, see the module docstring); with no
-        detections at all, every defined metric is ``0.0``. The evaluators' progress chatter is suppressed;
-        print :func:`format_table` for the table.
+        a :class:`~ssd_lightning.class_metrics.CocoEvaluation`: ``metrics`` is ``{name: value}`` for
+        :data:`METRIC_NAMES`, in that order (``COCOeval.stats``), ``-1.0`` marking a metric without ground
+        truth to measure it (COCO's convention, see the module docstring; with no detections at all, every
+        defined metric is ``0.0``); ``per_class`` and ``precision`` are read off the same run's arrays. The
+        evaluators' progress chatter is suppressed; print :func:`format_table` for the table.
 
     Raises:
         FileNotFoundError / ValueError: with one line naming the file, for a missing or malformed file, rows
@@ -406,8 +423,12 @@ def evaluate_detections(
             f"{source}: {len(unknown_rows)} image ids (e.g. {min(unknown_rows)}) are not in the annotations; "
             "were the detections made on another dataset?"
         )
+    categories = gt.dataset["categories"]
     if not eval_ids:
-        return dict.fromkeys(METRIC_NAMES, -1.0)
+        undefined = {"AP": -1.0, "AP50": -1.0, "num_gt": 0}
+        return CocoEvaluation(
+            dict.fromkeys(METRIC_NAMES, -1.0), {k: dict(undefined) for k in class_keys(categories)}
+        )
 
     dt = _load_results(gt, rows, backend)
     if backend == "faster_coco_eval":
@@ -424,7 +445,7 @@ def evaluate_detections(
         coco_eval.accumulate()
         coco_eval.summarize()
     stats = [float(v) for v in coco_eval.stats[: len(METRIC_NAMES)]]
-    return dict(zip(METRIC_NAMES, stats, strict=True))
+    return CocoEvaluation.from_cocoeval(coco_eval, dict(zip(METRIC_NAMES, stats, strict=True)), categories)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -71,14 +71,14 @@ def backbone_state_dict(name: str, weights: str | os.PathLike) -> dict[str, torc
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(
-                f"backbone_weights file {path} not found: pass None, 'imagenet_v1', 'imagenet_v2' "
+                f"model.backbone_weights file {path} not found: pass null, imagenet_v1, imagenet_v2 "
                 f"or the path of a torchvision {name} state_dict"
             )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
-            f"backbone_weights file {path} is not a torch state_dict: {_first_line(err)}"
+            f"model.backbone_weights file {path} is not a torch state_dict: {_first_line(err)}"
         ) from None
     return _check_resnet_state(name, state, path)
 
@@ -89,16 +89,31 @@ def _hub_cache_file(name: str, version: str) -> Path:
     member = getattr(enum, IMAGENET_WEIGHTS[version], None)
     if member is None:
         raise ValueError(
-            f"torchvision has no {IMAGENET_WEIGHTS[version]} weights for {name}: use 'imagenet_v1'"
+            f"model.backbone_weights={version}: torchvision has no {IMAGENET_WEIGHTS[version]} weights for "
+            f"{name}: use imagenet_v1"
         )
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     path = folder / os.path.basename(member.url)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{name} {IMAGENET_WEIGHTS[version]} weights are not downloaded here: place {path.name} "
-            f"(from {member.url}) in {folder}, or pass backbone_weights=<path to a local {name} state_dict>"
+            f"model.backbone_weights={version}: the {name} {IMAGENET_WEIGHTS[version]} weights are not in "
+            "the torch hub cache and are never downloaded at run time; on a machine with internet, fetch "
+            f"them ({member.url}) with {fetch_command(name, version, folder)} (on another machine, then copy "
+            f"{path.name} to {folder}), "
+            f"or pass model.backbone_weights=<path to a local {name} state_dict>"
         )
     return path
+
+
+def fetch_command(name: str, version: str, folder: str | os.PathLike) -> str:
+    """The one-line shell command that downloads ``name``'s ImageNet ``version`` weights into ``folder`` with
+    torchvision's weights API (the file lands as ``folder/<the URL's file name>``, where the loader looks)."""
+    enum = BACKBONES[name][1].__name__
+    member = IMAGENET_WEIGHTS[version]
+    return (
+        f'python -c "from torchvision.models import {enum}; '
+        f'{enum}.{member}.get_state_dict(model_dir={str(folder)!r})"'
+    )
 
 
 def _check_resnet_state(name: str, state: object, path: Path) -> dict[str, torch.Tensor]:
@@ -108,14 +123,14 @@ def _check_resnet_state(name: str, state: object, path: Path) -> dict[str, torch
         full = BACKBONES[name][0]().state_dict()
     reference = {k: v for k, v in full.items() if not k.startswith(("layer4.", "fc."))}
     if not isinstance(state, dict) or not state:
-        raise ValueError(f"backbone_weights file {path} does not hold a {name} state_dict")
+        raise ValueError(f"model.backbone_weights file {path} does not hold a {name} state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     missing = sorted(set(reference) - set(state))
     wrong = [k for k in reference if k in state and getattr(state[k], "shape", None) != reference[k].shape]
     if missing or wrong:
         bad = ", ".join((missing + wrong)[:4])
         raise ValueError(
-            f"backbone_weights file {path} is not a torchvision {name} state_dict (keys: {bad} ...)"
+            f"model.backbone_weights file {path} is not a torchvision {name} state_dict (keys: {bad} ...)"
         )
     return {k: state[k] for k in reference}
 

@@ -1,6 +1,7 @@
 """What a finished task reports: the COCO table on stdout, the metric a sweeper optimises, the file names.
 
-``metrics.json`` and ``detections.json`` are written by the tasks (atomically, rank 0) under these names.
+``metrics.json``, ``detections.json`` and ``precision_recall.png`` are written by the tasks (atomically, rank
+0) under these names.
 """
 
 from __future__ import annotations
@@ -10,16 +11,24 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from ssd_lightning.class_metrics import format_class_table
 from ssd_lightning.errors import ConfigError
-from ssd_lightning.evaluation import format_table
+from ssd_lightning.evaluation import CocoEvaluation, format_table
 from ssd_lightning.runtime.ddp_sweeps import in_multirun
 
 log = logging.getLogger("ssd_lightning")
 
 METRICS_FILE = "metrics.json"
-
-
 DETECTIONS_FILE = "detections.json"
+PR_PLOT_FILE = "precision_recall.png"
+#: the key of the per-class table in ``metrics.json`` (beside the 12 COCO numbers)
+PER_CLASS_KEY = "per_class"
+
+
+def metrics_document(evaluation: CocoEvaluation) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the 12 COCO numbers, then ``per_class``: ``{class name: {"AP", "AP50",
+    "num_gt"}}`` (``-1``: undefined, as COCO reports it)."""
+    return {**evaluation.metrics, PER_CLASS_KEY: evaluation.per_class}
 
 
 def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
@@ -38,11 +47,17 @@ def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
     return float(metrics[name])
 
 
-def print_table(metrics: Mapping[str, float], header: str | None = None) -> None:
-
+def print_table(
+    metrics: Mapping[str, float],
+    header: str | None = None,
+    per_class: Mapping[str, Mapping[str, float | int]] | None = None,
+) -> None:
+    """The 12-line COCO table, and the per-class table (weakest class first) under it when given."""
     if header:
         print(header)
     print(format_table(metrics), flush=True)
+    if per_class:
+        print(format_class_table(per_class), flush=True)
 
 
 def quiet_known_warnings() -> None:

@@ -17,8 +17,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ssd_lightning.checkpoints import check_evaluation_classes, check_state_dict, read_checkpoint
 from ssd_lightning.errors import ConfigError, DataError
-from ssd_lightning.evaluation import evaluate_detections
+from ssd_lightning.evaluation import CocoEvaluation, evaluate_coco
 from ssd_lightning.fileio import write_json_atomic
+from ssd_lightning.pr_plot import write_pr_plot
 from ssd_lightning.runtime.builders import (
     build_datamodule,
     build_trainer,
@@ -29,7 +30,14 @@ from ssd_lightning.runtime.builders import (
 from ssd_lightning.runtime.config_check import check_config
 from ssd_lightning.runtime.ddp_sweeps import JobScope, install_ddp_sweep_support
 from ssd_lightning.runtime.entry import one_line
-from ssd_lightning.runtime.results import DETECTIONS_FILE, METRICS_FILE, print_table, quiet_known_warnings
+from ssd_lightning.runtime.results import (
+    DETECTIONS_FILE,
+    METRICS_FILE,
+    PR_PLOT_FILE,
+    metrics_document,
+    print_table,
+    quiet_known_warnings,
+)
 from ssd_lightning.training.callbacks import ModelSummaryPrinter, exit_preempted
 
 
@@ -70,7 +78,7 @@ def check_data_classes(ckpt_path: str, module: pl.LightningModule, datamodule: A
         hp.category_ids = ids
 
 
-def score_detections_file(cfg: DictConfig, seed: int) -> dict[str, float]:
+def score_detections_file(cfg: DictConfig, seed: int) -> CocoEvaluation:
     """``evaluate.py detections=FILE``: score a COCO results file against the validation annotations, on
     the images the validation pipeline covers (all the file's images unless ``data.val_include_empty=false``).
     """
@@ -93,18 +101,27 @@ def score_detections_file(cfg: DictConfig, seed: int) -> dict[str, float]:
             annotations = Path(cfg.data.root) / annotations
         image_ids = None
     try:
-        return evaluate_detections(
+        return evaluate_coco(
             annotations, path, image_ids=image_ids, backend=cfg.model.get("eval_backend", "faster_coco_eval")
         )
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(one_line(err)) from err
 
 
+def report(evaluation: CocoEvaluation, output_dir: Path, header: str) -> None:
+    """Rank 0's outputs of an evaluation: ``metrics.json`` (the 12 numbers and the per-class table), the
+    precision-recall plot, and both tables on stdout."""
+    write_json_atomic(output_dir / METRICS_FILE, metrics_document(evaluation), indent=2)
+    write_pr_plot(evaluation, output_dir / PR_PLOT_FILE)
+    print_table(evaluation.metrics, header, evaluation.per_class)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint (``ckpt_path``) or a results file (``detections``) with the COCO protocol.
 
-    Prints the 12-line table and writes ``metrics.json`` (and, for a checkpoint, ``detections.json``) to the
-    run directory (``paths.output_dir``) on rank 0. Returns the 12 metrics.
+    Prints the 12-line table and the per-class table, and writes ``metrics.json``, ``precision_recall.png``
+    (and, for a checkpoint, ``detections.json``) to the run directory (``paths.output_dir``) on rank 0.
+    Returns the 12 metrics.
     """
 
     install_ddp_sweep_support()
@@ -112,10 +129,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("detections"):
-        metrics = score_detections_file(cfg, pl.seed_everything(cfg.get("seed"), workers=True))
-        write_json_atomic(output_dir / METRICS_FILE, metrics, indent=2)
-        print_table(metrics, f"COCO evaluation of {cfg.detections}:")
-        return metrics
+        evaluation = score_detections_file(cfg, pl.seed_everything(cfg.get("seed"), workers=True))
+        report(evaluation, output_dir, f"COCO evaluation of {cfg.detections}:")
+        return evaluation.metrics
 
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
@@ -138,6 +154,5 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics = dict(module.val_metrics or {})
         if trainer.is_global_zero:
             write_json_atomic(output_dir / DETECTIONS_FILE, module.val_detections or [])
-            write_json_atomic(output_dir / METRICS_FILE, metrics, indent=2)
-            print_table(metrics, f"COCO evaluation of {ckpt_path}:")
+            report(module.val_evaluation, output_dir, f"COCO evaluation of {ckpt_path}:")
         return metrics

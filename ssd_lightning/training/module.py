@@ -10,8 +10,8 @@ Validation (NVIDIA's ``PyTorch/Detection/SSD/ssd/evaluate.py``): per batch, the 
 0.5, 200 detections) turns the outputs into COCO result rows (original image ids and pixels, dataset category
 ids); at the epoch end the rows of all ranks are gathered, duplicates dropped, and rank 0 scores them with the
 official COCO protocol against the data module's annotation file, restricted to the images the validation
-pipeline covers. Every rank logs the same ``val/AP`` (and the 11 other COCO numbers). Lightning's sanity check
-never produces metrics: its partial pass is discarded.
+pipeline covers. Every rank logs the same ``val/AP`` (and the 11 other COCO numbers, and ``val/AP/<class>``).
+Lightning's sanity check never produces metrics: its partial pass is discarded.
 """
 
 from __future__ import annotations
@@ -29,21 +29,27 @@ import torch.distributed as dist
 
 from ssd_lightning.boxes import DefaultBoxes
 from ssd_lightning.checkpoints import CheckpointError, check_label_space, check_num_classes, load_weights_into
+from ssd_lightning.class_metrics import metric_safe
 from ssd_lightning.evaluation import (
     METRIC_NAMES,
+    CocoEvaluation,
     detections_to_coco,
-    evaluate_detections,
+    evaluate_coco,
     load_annotations,
     merge_detections,
 )
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.model import SSD300
 from ssd_lightning.postprocess import postprocess
+from ssd_lightning.training.epoch_means import EpochMeans
 from ssd_lightning.training.schedule import WarmupMultiStepLR, param_groups, scaled_lr
 
 __all__ = ["SSDModule"]
 
 log = logging.getLogger(__name__)
+
+#: metric names of ``LossParts`` (total, box, cls), in its order
+_LOSS_PARTS = ("loss", "loss_box", "loss_cls")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,11 +177,14 @@ class SSDModule(pl.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = MultiBoxLoss(self.model.default_boxes, neg_pos_ratio=neg_pos_ratio)
+        self.epoch_means = EpochMeans(_LOSS_PARTS)  # torchmetrics; not in the state dict
 
         #: the 12 COCO metrics of the last completed validation (None before the first one).
         self.val_metrics: dict[str, float] | None = None
         #: rank 0: the COCO result rows of the last completed validation (all ranks, duplicates dropped).
         self.val_detections: list[dict[str, Any]] | None = None
+        #: rank 0: the last completed validation's ``CocoEvaluation`` (per-class table, precision curves).
+        self.val_evaluation: CocoEvaluation | None = None
         #: the learning rate at the optimizer's first step (after scaling to the global batch).
         self.base_lr: float | None = None
         self._val_rows: list[dict[str, Any]] = []
@@ -229,7 +238,17 @@ class SSDModule(pl.LightningModule):
         locs, confs = self(images)
         parts = self.loss.components(locs, confs, batch["boxes"].transpose(1, 2), batch["labels"].long())
         self._log_train_step(parts, images.shape[0])
+        self._update_epoch_means(parts, images.shape[0])
         return parts.total
+
+    def _update_epoch_means(self, parts: Any, batch_size: int) -> None:
+        """``train/loss_epoch``, ``train/loss_box_epoch``, ``train/loss_cls_epoch``: the epoch means over all
+        ranks, weighted by batch size, without a host read per step (:mod:`.epoch_means`). Lightning computes
+        them at the epoch end (one all-reduce under DDP) and resets them. A step whose loss is not finite
+        (NonFiniteGuard skips and reports it) is left out."""
+        self.epoch_means.add(parts, batch_size)
+        for name, mean in self.epoch_means.items():
+            self.log(f"train/{name}_epoch", mean, on_step=False, on_epoch=True)
 
     def _log_train_step(self, parts: Any, batch_size: int) -> None:
         """Log the step's losses and learning rate without making the host wait for the device.
@@ -241,9 +260,9 @@ class SSDModule(pl.LightningModule):
         (usually the next step), so the bar never waits for the device.
         """
         n = batch_size
-        self.log("train/loss", parts.total, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/loss_box", parts.box, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/loss_cls", parts.cls, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss_step", parts.total, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss_box_step", parts.box, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss_cls_step", parts.cls, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/lr", torch.tensor(self._current_lr()), on_step=True, on_epoch=False, batch_size=n)
         loss = parts.total.detach()
         bar = {"prog_bar": True, "logger": False, "on_step": True, "on_epoch": False, "batch_size": n}
@@ -402,6 +421,7 @@ class SSDModule(pl.LightningModule):
             gathered = [(seen, rows)]
 
         metrics: dict[str, float] | None = None
+        per_class: dict[str, dict[str, Any]] | None = None
         if self.trainer.is_global_zero:
             datamodule = self._datamodule()
             detections = merge_detections([r for _, r in gathered])
@@ -414,12 +434,13 @@ class SSDModule(pl.LightningModule):
                     len(covered & set(expected)),
                     len(expected),
                 )
-            metrics = evaluate_detections(
+            self.val_evaluation = evaluate_coco(
                 self._ground_truth(datamodule.val_annotations),
                 detections,
                 image_ids=expected,
                 backend=self.hparams.eval_backend,
             )
+            metrics, per_class = self.val_evaluation.metrics, self.val_evaluation.per_class
             self.val_detections = detections
             log.info(
                 "%s: %s (%d images, %d detections)",
@@ -430,10 +451,17 @@ class SSDModule(pl.LightningModule):
                 len(expected),
                 len(detections),
             )
-        metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        metrics, per_class = self.trainer.strategy.broadcast((metrics, per_class), src=0)
         self.val_metrics = dict(metrics)
         for name in METRIC_NAMES:
             self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "AP", sync_dist=True)
+        self._log_class_ap(per_class)
+
+    def _log_class_ap(self, per_class: dict[str, dict[str, Any]]) -> None:
+        """``val/AP/<class>`` for every class: the same values on every rank (broadcast), logged as CPU
+        tensors without a sync (no device copy, no collective per class)."""
+        for name, values in per_class.items():
+            self.log(f"val/AP/{metric_safe(name)}", torch.tensor(float(values["AP"])), sync_dist=False)
 
     def _ground_truth(self, annotations: Any) -> Any:
         """The COCO ground truth, loaded once per annotation file."""

@@ -8,6 +8,7 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelSummary
 from pytorch_lightning.strategies import DDPStrategy
 
 from ssd_lightning.data import COCODataModule
@@ -32,7 +33,7 @@ def test_the_groups_have_their_options():
     assert {"default", "cpu", "gpu", "ddp"} <= set(_options("trainer"))
     assert _options("data") == ["coco"] and _options("model") == ["ssd300"]
     assert {"csv", "tensorboard"} <= set(_options("logger"))
-    assert {"default", "model_checkpoint", "lr_monitor", "progress_bar"} <= set(_options("callbacks"))
+    assert {"default", "model_checkpoint", "progress_bar"} <= set(_options("callbacks"))
     assert {"nvidia_v1_1", "quickstart"} <= set(_options("experiment"))
     assert "optuna" in _options("hparams_search")
 
@@ -115,14 +116,20 @@ def test_callback_options(option, tmp_path):
     assert all(isinstance(c, pl.Callback) for c in callbacks)
     if option == "default":
         names = sorted(type(c).__name__ for c in callbacks)
-        expected = ["LinkedCheckpoint", "LinkedCheckpoint", "LearningRateMonitor", "TQDMProgressBar"]
+        expected = ["LinkedCheckpoint", "LinkedCheckpoint", "TQDMProgressBar"]
         reliability = ["PreemptionCheckpoint", "NonFiniteGuard", "CheckpointSpaceCheck", "RNGState"]
         assert names == sorted(
             [*expected, "ValidationSchedule", "ValidationPictures", *reliability, "FastPathCallback"]
         )
-        assert [c for c in callbacks if type(c).__name__ == "LearningRateMonitor"]
-        without_logger = instantiate_callbacks(cfg, have_logger=False)
-        assert "LearningRateMonitor" not in {type(c).__name__ for c in without_logger}
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+def test_one_model_summary_and_one_learning_rate_log(script, tmp_path):
+    """Lightning's ModelSummary ("FLOPs 0") is off, so ours (ModelSummaryPrinter, real FLOPs) is the only
+    one; the learning rate is logged by the module (train/lr), not by a LearningRateMonitor as well."""
+    cfg = compose_config(script, [], tmp_path)
+    trainer = build_trainer(cfg, instantiate_callbacks(cfg, have_logger=True), [])
+    assert not [c for c in trainer.callbacks if isinstance(c, (ModelSummary, LearningRateMonitor))]
 
 
 def test_ddp_timeout_is_a_config_key(tmp_path):

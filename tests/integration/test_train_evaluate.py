@@ -4,16 +4,19 @@ COCO evaluation. One tiny training run (resnet18, 2 epochs of 3 batches of 4) is
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import logging
 
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import ssd_lightning
+from ssd_lightning.class_metrics import format_class_table
 from ssd_lightning.evaluation import METRIC_NAMES, format_table
 from ssd_lightning.tasks.evaluate import evaluate
 from ssd_lightning.tasks.train import train
@@ -72,11 +75,42 @@ def test_training_ends_with_the_coco_table(trained):
     for key in ("train/loss_epoch", "train/loss_box_epoch", "train/loss_cls_epoch", "train/throughput_epoch"):
         assert key in trained["metrics"]
     csv = (trained["dir"] / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/lr", "train/loss_step", "val/AP", "lr/decay", "lr/no_decay"} <= set(csv)
+    assert {"train/lr", "train/loss_step", "val/AP"} <= set(csv)
+    assert not [c for c in csv if c.startswith(("lr/", "lr-"))]  # the learning rate is logged once: train/lr
     assert "loss" not in csv  # the progress-bar copy of the loss is not logged twice
     # the progress bar shows the host copy of the step loss only: no device tensor is read per step
     assert "loss" in trainer.progress_bar_metrics
     assert not any(key.startswith("train/") for key in trainer.progress_bar_metrics)
+
+
+def test_epoch_means_of_the_losses_are_the_means_of_the_steps(trained):
+    """train/loss*_epoch (torchmetrics MeanMetric, one process here) equal the mean of the epoch's logged step
+    losses (every step is logged: trainer.log_every_n_steps=1, equal batches)."""
+    with open(trained["dir"] / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for part in ("loss", "loss_box", "loss_cls"):
+        for epoch in (0, 1):
+            steps = [
+                float(r[f"train/{part}_step"])
+                for r in rows
+                if r["epoch"] == str(epoch) and r[f"train/{part}_step"]
+            ]
+            means = [
+                float(r[f"train/{part}_epoch"])
+                for r in rows
+                if r["epoch"] == str(epoch) and r[f"train/{part}_epoch"]
+            ]
+            assert len(steps) == STEPS_PER_EPOCH and len(means) == 1, (part, epoch)
+            assert means[0] == pytest.approx(sum(steps) / len(steps), rel=1e-5), (part, epoch)
+
+
+def test_validation_logs_the_ap_of_every_class(trained):
+    model = trained["objects"]["model"]
+    per_class = model.val_evaluation.per_class
+    assert list(per_class) == ["red_rectangle", "green_ellipse", "blue_triangle"]
+    for name, values in per_class.items():
+        assert trained["metrics"][f"val/AP/{name}"] == pytest.approx(values["AP"], abs=1e-6), name
+        assert values["num_gt"] > 0
 
 
 def test_checkpoints_load_with_weights_only(trained):
@@ -111,8 +145,18 @@ def test_evaluate_reproduces_the_training_ap(trained, evaluated):
         assert evaluated["metrics"][name] == pytest.approx(final[name], abs=1e-9), name
     assert format_table(evaluated["metrics"]) in evaluated["stdout"]
     on_disk = json.loads((evaluated["dir"] / "metrics.json").read_text())
-    assert list(on_disk) == list(METRIC_NAMES)
+    assert list(on_disk) == [*METRIC_NAMES, "per_class"]
+    per_class = on_disk.pop("per_class")
     assert on_disk == pytest.approx(evaluated["metrics"], abs=1e-12)
+    # the per-class table: the training's last validation, in metrics.json and printed under the 12 lines
+    trained_per_class = trained["objects"]["model"].val_evaluation.per_class
+    assert list(per_class) == list(trained_per_class)
+    for name, values in per_class.items():
+        assert values == pytest.approx(trained_per_class[name], abs=1e-9), name
+    table = format_class_table(per_class)
+    assert evaluated["stdout"].index(format_table(evaluated["metrics"])) < evaluated["stdout"].index(table)
+    with Image.open(evaluated["dir"] / "precision_recall.png") as image:
+        assert image.format == "PNG" and image.size[0] > 0
 
 
 def test_ap_and_table_equal_pycocotools_on_detections_json(trained, evaluated):
@@ -143,8 +187,11 @@ def test_evaluate_a_detections_file_without_a_model(trained, evaluated, tmp_path
     cfg = compose_config("evaluate", overrides, tmp_path)
     metrics, stdout = _run(evaluate, cfg)
     assert metrics == pytest.approx(evaluated["metrics"], abs=1e-12)
-    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics, abs=1e-12)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(on_disk.pop("per_class")) == ["red_rectangle", "green_ellipse", "blue_triangle"]
+    assert on_disk == pytest.approx(metrics, abs=1e-12)
     assert format_table(metrics) in stdout
+    assert (tmp_path / "precision_recall.png").is_file()
     assert not (tmp_path / "detections.json").exists()
 
 

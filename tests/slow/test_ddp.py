@@ -46,7 +46,11 @@ def test_two_process_evaluation_equals_one(synthetic_coco, tmp_path):
     two = _evaluate(tmp_path, "two", *common, "trainer.devices=2")
     m1 = json.loads((one / "metrics.json").read_text())
     m2 = json.loads((two / "metrics.json").read_text())
+    c1, c2 = m1.pop("per_class"), m2.pop("per_class")
     assert m2 == pytest.approx(m1, abs=1e-9)
+    assert list(c2) == list(c1)
+    for name in c1:
+        assert c2[name] == pytest.approx(c1[name], abs=1e-9), name
     d1 = json.loads((one / "detections.json").read_text())
     d2 = json.loads((two / "detections.json").read_text())
     assert len(d2) == len(d1) > 0

@@ -36,6 +36,8 @@ LAYERS: Layers = (
             "ssd_lightning.model",
             "ssd_lightning.images",
             "ssd_lightning.evaluation",
+            "ssd_lightning.class_metrics",
+            "ssd_lightning.pr_plot",
         ),
     ),
     ("data", ("ssd_lightning.data",)),

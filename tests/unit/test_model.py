@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torchvision.models import resnet18
 
 from ssd_lightning.boxes import FEATURE_SIZES, SCALES, STEPS, ssd300_default_boxes
 from ssd_lightning.model import SSD300
-from ssd_lightning.model.backbone import ResNet
+from ssd_lightning.model.backbone import ResNet, fetch_command
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -206,10 +208,40 @@ def test_imagenet_weights_missing_from_hub_cache_raise_one_line(tmp_path, monkey
         SSD300("resnet18", backbone_weights="imagenet_v1")
     message = str(err.value)
     assert "\n" not in message
+    assert message.startswith("model.backbone_weights=imagenet_v1: ")  # the config key a user sets
+    assert "or pass model.backbone_weights=<path" in message
     assert "resnet18-f37072fd.pth" in message
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
     assert not (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").exists()
+
+
+def test_the_fetch_command_of_the_weights_error_puts_the_file_where_it_is_read(tmp_path, monkeypatch):
+    """Run the error's one-line command as a user would on a machine with internet: only the transfer itself
+    (torch.hub's download_url_to_file) is replaced by a copy of a local file; torchvision's weights API and
+    torch.hub pick the file name and folder. Afterwards the same model loads those weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError) as err:
+        SSD300("resnet18", backbone_weights="imagenet_v1")
+    command = re.search(r'(python -c "(.*?)")', str(err.value))
+    assert command and command.group(1) == fetch_command(
+        "resnet18", "imagenet_v1", tmp_path / "torch/hub/checkpoints"
+    )
+    torch.manual_seed(5)
+    reference = resnet18()
+    served = tmp_path / "served.pth"
+    torch.save(reference.state_dict(), served)
+    urls = []
+
+    def transfer(url, dst, *args, **kwargs):
+        urls.append(url)
+        shutil.copyfile(served, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", transfer)
+    exec(command.group(2), {})  # the Python of `python -c "..."`
+    assert urls == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
+    model = SSD300("resnet18", backbone_weights="imagenet_v1")
+    torch.testing.assert_close(model.feature_extractor.feature_extractor[0].weight, reference.conv1.weight)
 
 
 def test_imagenet_weights_are_read_from_hub_cache(tmp_path, monkeypatch):
