@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import warnings
@@ -42,6 +43,8 @@ __all__ = [
 # in the sanitised copy instead so that the image counts we compute equal what the reader yields.
 MIN_BOX_SIZE = 0.1
 _SANITISE_VERSION = "1"
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,6 +132,9 @@ class CocoAnnotations:
         report: what sanitising dropped/clipped.
         clean_doc: the sanitised JSON document when ``report.changed`` (else None; the original is fine as
         is).
+        kept: the usable annotations as columns, in file order: ``image_id`` [M] int64, ``category_id`` [M]
+        int64, ``bbox`` [M, 4] float64 xywh pixels (clipped where needed), ``iscrowd`` [M] bool.
+        raw_sizes: image id -> (width, height) as the file gives them (what DALI divides the boxes by).
     """
 
     path: Path
@@ -141,6 +147,8 @@ class CocoAnnotations:
     num_annotations: int
     report: SanitiseReport
     clean_doc: dict | None = None
+    kept: dict[str, np.ndarray] = field(default_factory=dict)
+    raw_sizes: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def usable_image_ids(self, include_empty: bool, include_crowd: bool = True) -> list[int]:
         """Sorted ids of images a reader yields: all, or only those with (non-crowd) annotations."""
@@ -307,6 +315,8 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
 
     report = SanitiseReport()
     kept: list[dict] = []
+    columns: list[tuple[int, int, bool]] = []
+    boxes: list[list] = []
     annotated: set[int] = set()
     annotated_non_crowd: set[int] = set()
     for i, a in enumerate(doc["annotations"]):
@@ -325,8 +335,11 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if "area" not in a:
             report.note("no_area", name)
         annotated.add(iid)
-        if not a.get("iscrowd", 0):
+        crowd = bool(a.get("iscrowd", 0))
+        if not crowd:
             annotated_non_crowd.add(iid)
+        columns.append((iid, cid, crowd))
+        boxes.append(fixed)
 
     clean_doc = None
     if report.changed or report.repaired:
@@ -343,7 +356,20 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
         num_annotations=len(kept),
         report=report,
         clean_doc=clean_doc,
+        kept=_kept_columns(columns, boxes),
+        raw_sizes=raw_sizes,
     )
+
+
+def _kept_columns(columns: list[tuple[int, int, bool]], boxes: list[list]) -> dict[str, np.ndarray]:
+    """The kept annotations as arrays (see :class:`CocoAnnotations`)."""
+    table = np.array(columns, dtype=np.int64).reshape(-1, 3)
+    return {
+        "image_id": table[:, 0].copy(),
+        "category_id": table[:, 1].copy(),
+        "bbox": np.array(boxes, dtype=np.float64).reshape(-1, 4),
+        "iscrowd": table[:, 2].astype(bool),
+    }
 
 
 def _dali_rel(lo: float, extent: float, size: float) -> tuple[float, float]:
@@ -402,18 +428,21 @@ def write_reader_annotations(ann: CocoAnnotations, cache_dir: str | os.PathLike)
     return out
 
 
-def warn_sanitised(ann: CocoAnnotations, reader_file: Path) -> None:
-    """Issue the single :class:`DataWarning` for a sanitised annotation file (no-op when nothing was
-    counted)."""
-    if ann.report.changed:
-        warnings.warn(
-            f"{ann.path}: {ann.report.summary()}; the pipeline reads a corrected copy ({reader_file}). "
-            "Fix the annotation file to silence this warning.",
-            DataWarning,
-            stacklevel=3,
+def warn_sanitised(path: Path, report: dict, reader_file: Path) -> None:
+    """Report a repaired annotation file once: one :class:`DataWarning` and the same line through logging
+    (so that it lands in the run's log, also under ``-W ignore``). ``report``: ``{"summary", "changed",
+    "no_area"}`` (the index's copy of :class:`SanitiseReport`); nothing is said when nothing was counted."""
+    if report["changed"]:
+        message = (
+            f"{path}: {report['summary']}; the pipeline reads a corrected copy ({reader_file}). "
+            "Fix the annotation file to silence this warning."
         )
-    elif ann.report.no_area:
-        warnings.warn(f"{ann.path}: {ann.report.summary()}", DataWarning, stacklevel=3)
+    elif report["no_area"]:
+        message = f"{path}: {report['summary']}"
+    else:
+        return
+    log.warning("data: %s", message)
+    warnings.warn(message, DataWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------
