@@ -313,7 +313,7 @@ def load_index(path: Path, cache: Path, split: str) -> AnnotationIndex:
         path,
         f"{len(index.image_ids):,}",
         f"{index.num_annotations:,}",
-        index.report["summary"] or "nothing to repair",
+        "repaired: see the data warning" if index.report["changed"] else "nothing to repair",
         time.perf_counter() - start,
         file,
     )
