@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ssd_lightning.categories import CategoryMap
+from ssd_lightning.data.annotation_columns import annotation_columns, plain_mask
 from ssd_lightning.errors import DataError, DataWarning
 from ssd_lightning.fileio import write_json_atomic
 
@@ -299,6 +300,31 @@ def _sanitised_box(box: list, width: float, height: float, report: SanitiseRepor
     return list(clipped)
 
 
+def _checked_annotation(
+    path: Path,
+    i: int,
+    a: object,
+    known_categories: set[int],
+    file_names: dict[int, str],
+    raw_sizes: dict[int, tuple[float, float]],
+    report: SanitiseReport,
+) -> tuple[int, int, list, bool] | None:
+    """Annotation ``i`` checked one by one: ``(image id, category id, box as the reader may read it,
+    crowd)``, or None when it is dropped (noted in ``report``); a DataError when it is malformed."""
+    iid, cid, box = _annotation_fields(path, i, a)
+    name = f"annotation {a.get('id', f'#{i}')}"
+    if cid not in known_categories:
+        report.note("unknown_category", f"{name} category {cid}")
+        return None
+    if iid not in file_names:
+        report.note("unknown_image", f"{name} image {iid}")
+        return None
+    fixed = _sanitised_box(box, *raw_sizes[iid], report, name)
+    if fixed is None:
+        return None
+    return iid, cid, fixed, bool(a.get("iscrowd", 0))
+
+
 def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
     """Read, validate and sanitise a COCO detection annotation file.
 
@@ -314,37 +340,47 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
     file_names, raw_sizes = _read_images(path, doc["images"])
 
     report = SanitiseReport()
-    kept: list[dict] = []
-    columns: list[tuple[int, int, bool]] = []
-    boxes: list[list] = []
-    annotated: set[int] = set()
-    annotated_non_crowd: set[int] = set()
-    for i, a in enumerate(doc["annotations"]):
-        iid, cid, box = _annotation_fields(path, i, a)
-        name = f"annotation {a.get('id', f'#{i}')}"
-        if cid not in known_categories:
-            report.note("unknown_category", f"{name} category {cid}")
-            continue
-        if iid not in file_names:
-            report.note("unknown_image", f"{name} image {iid}")
-            continue
-        fixed = _sanitised_box(box, *raw_sizes[iid], report, name)
-        if fixed is None:
-            continue
-        kept.append(a if fixed is box else {**a, "bbox": fixed})
-        if "area" not in a:
-            report.note("no_area", name)
-        annotated.add(iid)
-        crowd = bool(a.get("iscrowd", 0))
-        if not crowd:
-            annotated_non_crowd.add(iid)
-        columns.append((iid, cid, crowd))
-        boxes.append(fixed)
-
+    anns = doc["annotations"]
+    image_ids = np.array(sorted(file_names), dtype=np.int64)
+    columns = annotation_columns(anns)
+    if columns is None:  # a malformed entry: the per-annotation checks find and name it
+        plain = np.zeros(len(anns), dtype=bool)
+    else:
+        sizes = np.array([raw_sizes[i] for i in image_ids.tolist()], dtype=np.float64).reshape(-1, 2)
+        plain = plain_mask(columns, np.array(category_map.dataset_ids), image_ids, sizes, MIN_BOX_SIZE)
+    repaired: dict[int, tuple[int, int, list, bool]] = {}  # not plain but kept: (image, category, box, crowd)
+    for i in np.flatnonzero(~plain).tolist():
+        row = _checked_annotation(path, i, anns[i], known_categories, file_names, raw_sizes, report)
+        if row is not None:
+            repaired[i] = row
+    keep = plain.copy()
+    keep[list(repaired)] = True
+    if columns is None:
+        rows = [repaired[i] for i in sorted(repaired)]
+        columns = {
+            "image_id": np.array([r[0] for r in rows], dtype=np.int64),
+            "category_id": np.array([r[1] for r in rows], dtype=np.int64),
+            "bbox": np.array([r[2] for r in rows], dtype=np.float64).reshape(-1, 4),
+            "iscrowd": np.array([r[3] for r in rows], dtype=bool),
+        }
+    else:
+        for i, row in repaired.items():
+            columns["bbox"][i] = row[2]
+        columns = {k: v[keep] for k, v in columns.items()}
+    kept_index = np.flatnonzero(keep).tolist()
+    for i in kept_index:
+        if "area" not in anns[i]:
+            report.note("no_area", f"annotation {anns[i].get('id', f'#{i}')}")
     clean_doc = None
     if report.changed or report.repaired:
         clean_doc = {k: v for k, v in doc.items() if k != "annotations"}
-        clean_doc["annotations"] = kept
+        clean_doc["annotations"] = [
+            {**anns[i], "bbox": repaired[i][2]}
+            if i in repaired and repaired[i][2] is not anns[i]["bbox"]
+            else anns[i]
+            for i in kept_index
+        ]
+    annotated = set(columns["image_id"].tolist())
     return CocoAnnotations(
         path=path,
         categories=category_map,
@@ -352,24 +388,13 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
         file_names=file_names,
         sizes={iid: (int(round(h)), int(round(w))) for iid, (w, h) in raw_sizes.items()},
         annotated=annotated,
-        annotated_non_crowd=annotated_non_crowd,
-        num_annotations=len(kept),
+        annotated_non_crowd=set(columns["image_id"][~columns["iscrowd"]].tolist()),
+        num_annotations=len(kept_index),
         report=report,
         clean_doc=clean_doc,
-        kept=_kept_columns(columns, boxes),
+        kept=columns,
         raw_sizes=raw_sizes,
     )
-
-
-def _kept_columns(columns: list[tuple[int, int, bool]], boxes: list[list]) -> dict[str, np.ndarray]:
-    """The kept annotations as arrays (see :class:`CocoAnnotations`)."""
-    table = np.array(columns, dtype=np.int64).reshape(-1, 3)
-    return {
-        "image_id": table[:, 0].copy(),
-        "category_id": table[:, 1].copy(),
-        "bbox": np.array(boxes, dtype=np.float64).reshape(-1, 4),
-        "iscrowd": table[:, 2].astype(bool),
-    }
 
 
 def _dali_rel(lo: float, extent: float, size: float) -> tuple[float, float]:

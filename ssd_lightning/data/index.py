@@ -106,7 +106,29 @@ class AnnotationIndex:
     ann_crowd: np.ndarray
     report: dict
 
+    def __post_init__(self) -> None:
+        self._groups: dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
     # ------------------------------------------------------------------------------------------- views
+
+    def file_name_lines(self, positions: np.ndarray) -> bytes:
+        """The UTF-8 file names at ``positions``, one per line (gathered with numpy, no str per name)."""
+        ends = self.name_ends[positions]
+        lengths = ends - np.where(positions > 0, self.name_ends[positions - 1], 0)
+        source = np.repeat(ends - lengths, lengths + 1) + group_ranks(lengths + 1)
+        out = self.name_blob[np.minimum(source, len(self.name_blob) - 1)]
+        out[np.cumsum(lengths + 1) - 1] = ord("\n")
+        return out.tobytes()
+
+    def annotations_by_image(self, include_crowd: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(order, first, count)``: annotation indices grouped by image (file order within an image), and
+        per image position where its group starts in ``order`` and how long it is (computed once)."""
+        if include_crowd not in self._groups:
+            ann = np.flatnonzero(np.ones(len(self.ann_image), bool) if include_crowd else ~self.ann_crowd)
+            ann = ann[np.argsort(self.ann_image[ann], kind="stable")]
+            first = np.searchsorted(self.ann_image[ann], np.arange(len(self.image_ids)))
+            self._groups[include_crowd] = (ann, first, np.diff(np.append(first, len(ann))))
+        return self._groups[include_crowd]
 
     def file_name(self, position: int) -> str:
         start = int(self.name_ends[position - 1]) if position > 0 else 0
@@ -212,6 +234,11 @@ class AnnotationIndex:
             report=meta["report"],
             **arrays,
         )
+
+
+def group_ranks(lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(n) for n in lengths])`` without a Python loop."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def check_shared_categories(train: AnnotationIndex, val: AnnotationIndex) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ssd_lightning.data.index import AnnotationIndex
+from ssd_lightning.data.index import AnnotationIndex, group_ranks
 
 __all__ = ["built_pipeline", "can_use_preprocessed", "dali_boxes", "write_preprocessed_annotations"]
 
@@ -60,24 +60,16 @@ def write_preprocessed_annotations(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     positions = np.asarray(positions, dtype=np.int64)
-    keep = np.ones(len(index.ann_image), dtype=bool) if include_crowd else ~index.ann_crowd
-    ann = np.flatnonzero(keep)
-    # annotations grouped by image, file order kept within an image (DALI's order)
-    ann = ann[np.argsort(index.ann_image[ann], kind="stable")]
-    first = np.searchsorted(index.ann_image[ann], np.arange(len(index.image_ids)))
-    counts_all = np.diff(np.append(first, len(ann)))
-    counts = counts_all[positions]
-    starts = np.repeat(first[positions], counts)
-    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    chosen = ann[starts + within]
+    ann, first, count = index.annotations_by_image(include_crowd)
+    counts = count[positions]
+    chosen = ann[np.repeat(first[positions], counts) + group_ranks(counts)]
     sizes = index.raw_sizes[index.ann_image[chosen]]
     _write(out / "boxes.dat", dali_boxes(index.ann_box[chosen], sizes), np.float32)
     _write(out / "labels.dat", index.ann_label[chosen], np.int32)
     _write(out / "counts.dat", counts, np.int32)
     _write(out / "offsets.dat", np.cumsum(counts) - counts, np.int32)
     _write(out / "original_ids.dat", index.image_ids[positions], np.int32)
-    names = "".join(name + "\n" for name in index.file_names_at(positions))
-    (out / "filenames.dat").write_text(names, encoding="utf-8")
+    (out / "filenames.dat").write_bytes(index.file_name_lines(positions))
     return out
 
 
