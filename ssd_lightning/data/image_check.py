@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from ssd_lightning.data.annotations import CocoAnnotations
 from ssd_lightning.errors import DataError
 
-__all__ = ["check_image_files", "dali_decode_error", "inspect_image"]
+__all__ = ["check_image_files", "cpu_decode_pipeline", "dali_decode_error", "inspect_image"]
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +85,38 @@ def _jpeg_header(head: bytes, read_more) -> tuple[int, int]:
 
 
 def dali_decode_error(path: str | os.PathLike) -> str | None:
-    """Decode one file with DALI's own CPU decoder (dynamic mode); the failure reason, or None if it decodes.
+    """Decode one file with DALI's own CPU decoder; the failure reason, or None if it decodes.
 
     The exact oracle for "will the pipeline decode this file", used where the cheap checks are not conclusive
-    and to name the culprit after a pipeline failed to decode a batch (DALI does not say which file). Not
-    thread-safe: call it from one thread.
+    and to name the culprit after a pipeline failed to decode a batch (DALI does not say which file). The
+    pipeline is CPU-only (:func:`cpu_decode_pipeline`): it never opens a GPU context, whichever GPU the
+    caller's rank uses (or has not chosen yet).
     """
-    from nvidia.dali.experimental import dynamic as ndd  # lazy: DALI's eager API, only for a suspect file
-
+    pipe = cpu_decode_pipeline(np.fromfile(path, dtype=np.uint8))
     try:
-        data = np.fromfile(path, dtype=np.uint8)
-        ndd.decoders.image(ndd.as_tensor(data), device="cpu", adjust_orientation=False).evaluate()
+        pipe.build()
+        pipe.run()
     except Exception as e:  # noqa: BLE001 - any failure of the decoder is the answer
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("C++ context")]
+        text = str(e)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("C++ context")]
         reason = lines[0] if lines else type(e).__name__
-        if "Failed to decode sample" in reason or "nvImageCodec failure" in reason:
+        if any(k in text for k in ("Failed to decode", "nvImageCodec failure", "Critical error in pipeline")):
             reason = "corrupt image data"  # the codec's own words go to stderr, not into the exception
         return reason
     return None
+
+
+def cpu_decode_pipeline(data: np.ndarray):
+    """An unbuilt DALI pipeline (``device_id=None``: CPU only) that decodes the encoded bytes ``data`` (uint8
+    [B]) to RGB as the training and evaluation pipelines do."""
+    from nvidia.dali import fn, pipeline_def, types  # lazy: DALI only for a suspect file
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def decode():
+        encoded = fn.external_source(source=lambda: [data], batch=True)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+    return decode()
 
 
 def _inspect(path: Path) -> tuple[str, int, int, str | None]:

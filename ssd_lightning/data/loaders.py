@@ -22,9 +22,9 @@ import torch
 
 from ssd_lightning.data.image_check import dali_decode_error
 from ssd_lightning.data.pipelines import READER_NAME
-from ssd_lightning.errors import DataError
+from ssd_lightning.errors import ConfigError, DataError
 
-__all__ = ["EvalLoader", "TrainLoader", "find_undecodable_image"]
+__all__ = ["EvalLoader", "TrainLoader", "find_undecodable_image", "gpu_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,46 @@ def _dali_reason(exc: BaseException) -> str:
 def _is_decode_failure(exc: BaseException) -> bool:
     text = str(exc)
     return any(k in text for k in ("decoders.image", "nvImageCodec", "decode", "Decode"))
+
+
+# What a DALI error says when the GPU, not a file, failed (checked before the decode-failure hunt).
+_OUT_OF_MEMORY = (
+    "out of memory",
+    "OUT_OF_MEMORY",
+    "cudaErrorMemoryAllocation",
+    "NVJPEG_STATUS_ALLOCATOR_FAILURE",
+)
+_GPU_START = (
+    "CUDA driver",
+    "CUDA error",
+    "cudaError",
+    "CUDA_ERROR",
+    "NVJPEG_STATUS_NOT_INITIALIZED",
+    "NVJPEG_STATUS_ARCH_MISMATCH",
+    "NVJPEG_STATUS_INTERNAL_ERROR",
+    "Failed to create decoder",
+    "no CUDA-capable device",
+)
+
+
+def gpu_failure(exc: BaseException, split: str) -> ConfigError | None:
+    """The one-line error for a DALI failure of the GPU itself (out of memory, a decoder or CUDA that does
+    not start), naming the setting to change; None when the message names no such failure (then it may be a
+    file: :func:`find_undecodable_image` looks)."""
+    text = str(exc)
+    reason = _dali_reason(exc)
+    if any(k in text for k in _OUT_OF_MEMORY):
+        return ConfigError(
+            f"the DALI {split} pipeline ran out of GPU memory ({reason}); lower data.batch_size"
+            f"{'' if split == 'train' else ' / data.val_batch_size'} or data.prefetch_queue_depth, or decode "
+            "on the CPU with data.device=cpu"
+        )
+    if any(k in text for k in _GPU_START):
+        return ConfigError(
+            f"the DALI {split} pipeline's GPU decoder or CUDA failed to start ({reason}); check the driver "
+            "and that the GPU is free, or decode on the CPU with data.device=cpu"
+        )
+    return None
 
 
 def find_undecodable_image(paths: Sequence[Path]) -> tuple[Path, str] | None:
@@ -75,8 +115,11 @@ class _DaliLoader:
         self._it = None
         self._position = 0  # samples consumed in the current DALI epoch (to locate a decode failure)
 
-    def _fail(self, exc: BaseException) -> DataError:
+    def _fail(self, exc: BaseException) -> DataError | ConfigError:
         self.release()
+        gpu = gpu_failure(exc, self.split)
+        if gpu is not None:
+            return gpu
         if _is_decode_failure(exc):
             candidates = self._candidates(self._position)
             if len(candidates) > 500:
