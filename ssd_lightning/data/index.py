@@ -178,7 +178,8 @@ class AnnotationIndex:
         ids = np.asarray(ann.image_ids, dtype=np.int64)
         names = [ann.file_names[i].encode("utf-8") for i in ann.image_ids]
         kept = ann.kept
-        label_of = {cid: k + 1 for k, cid in enumerate(ann.categories.dataset_ids)}
+        category_ids = np.array(ann.categories.dataset_ids, dtype=np.int64)
+        by_id = np.argsort(category_ids)  # label of id c: 1 + its place in the file's category list
         return cls(
             path=path,
             reader_file=write_reader_annotations(ann, cache),
@@ -188,7 +189,7 @@ class AnnotationIndex:
             name_blob=np.frombuffer(b"".join(names), dtype=np.uint8),
             name_ends=np.cumsum([len(n) for n in names], dtype=np.int64),
             ann_image=np.searchsorted(ids, kept["image_id"]).astype(np.int64),
-            ann_label=np.array([label_of[int(c)] for c in kept["category_id"]], dtype=np.int32),
+            ann_label=(by_id[np.searchsorted(category_ids[by_id], kept["category_id"])] + 1).astype(np.int32),
             ann_box=kept["bbox"],
             ann_crowd=kept["iscrowd"],
             report={
