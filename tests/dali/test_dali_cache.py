@@ -238,3 +238,33 @@ def test_preprocessed_files_give_the_eval_pipeline_what_the_json_gives(synthetic
         )
         from_json = _outputs(eval_pipeline(file_names=index.file_names_at(positions), **common), 3)
         _assert_same(from_json, _outputs(eval_pipeline(preprocessed_annotations=str(folder), **common), 3))
+
+
+def test_val_annotations_are_read_and_indexed_once_per_run(synthetic_coco, tmp_path, monkeypatch, caplog):
+    import pytorch_lightning as pl
+
+    from ssd_lightning.training import module as module_mod
+    from ssd_lightning.training.module import SSDModule
+
+    loads = []
+    real = module_mod.load_annotations
+    monkeypatch.setattr(module_mod, "load_annotations", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    caplog.set_level(logging.INFO, logger=DATA_LOGGER)
+    dm = _dm(synthetic_coco, tmp_path / "cache", batch_size=4, val_batch_size=5)
+    model = SSDModule(backbone="resnet18", num_classes=4, batch_size=4, score_threshold=0.5)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    trainer.validate(model, datamodule=dm, verbose=False)
+    assert len(model.val_metrics) and len(loads) == 1  # 4 validations, one ground-truth load
+    val_lines = [m for m in _messages(caplog) if "val annotations" in m]
+    messages = [m for m in val_lines if "indexed in" in m or "from the cache" in m]
+    assert len(messages) == 1 and "indexed in" in messages[0]  # the data module parsed it once too
