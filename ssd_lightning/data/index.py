@@ -277,7 +277,12 @@ def _locked(folder: Path) -> Iterator[None]:
     """Hold ``folder/.lock`` exclusively (other processes of the node wait here)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network mounts): every rank does the work
+            log.warning("data: cannot lock %s (%s); each process indexes on its own", folder, e.strerror or e)
+            yield
+            return
         try:
             yield
         finally:
