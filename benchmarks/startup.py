@@ -18,8 +18,8 @@ every image file (``data.check_images``), building the DALI pipelines and the mo
 (add or override).
 
 Per data set: ``--repeats`` times a "cold" run (the data module's cache folder ``<cache-dir>/<set>``, passed
-as ``data.cache_dir``, is deleted first; it holds the corrected annotation copy the data module writes when an
-annotation file needs repairing, by default a private temp folder per run) and then a "warm" run (the same
+as ``data.cache_dir``, is deleted first: it holds the annotation index, the image-check stamps and a repaired
+annotation copy when one is needed, see ``ssd_lightning/data/index.py``) and then a "warm" run (the same
 again, the cache folder kept). The operating system's page cache is not dropped (that needs root): "cold"
 means a cold *data-module cache*, not cold disks; the data set's files were usually just written or read.
 The fastest run of each kind is reported (all samples are in the JSON).
@@ -30,6 +30,11 @@ but per run instead of the maximum over every child so far). Either way it is th
 *single* process of the tree (the kernel keeps the maximum over the child and its waited-for descendants, not
 their sum); train.py on one CPU device runs in one process (DALI uses threads), so that is the run's peak.
 The table's "peak RSS" is the largest over a set's runs.
+
+Each run's output is searched for the data module's log lines: how many annotation files were indexed
+("indexed in") or loaded from the cache ("from the cache"), and how many image sets were checked or found
+checked; with ``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` (as overrides) this shows that the
+cold work ran once for both ranks.
 
 Prints a table (data set, images, cold s, warm s, peak RSS MB, and big - small) and writes it, every sample
 and the machine (CPUs, platform, load average before and after) to ``--json``.
@@ -154,6 +159,20 @@ def _max_rss_from_time(report: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+DATA_LOG_LINES = {
+    "indexed": "indexed in",
+    "from_cache": "from the cache",
+    "images_checked": "checked (header, trailer, size) in",
+    "images_already_checked": "already checked",
+}
+
+
+def data_log_counts(*outputs: Path) -> dict[str, int]:
+    """How often each of the data module's cold/warm log lines appears in the run's output files."""
+    text = "".join(p.read_text(errors="replace") for p in outputs if p.is_file())
+    return {key: text.count(line) for key, line in DATA_LOG_LINES.items()}
+
+
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -192,6 +211,7 @@ def run_once(cmd: list[str], cwd: Path, timeout: float, work: Path) -> dict:
         "rss_measured_by": rss_how,
         "returncode": proc.returncode,
         "timed_out": timed_out,
+        "data_log": data_log_counts(out, err),
     }
     if proc.returncode != 0 or timed_out:
         result["stderr_tail"] = _tail(err)
@@ -223,7 +243,7 @@ def timed_run(args: argparse.Namespace, name: str, root: Path, kind: str) -> dic
     status = "ok" if result["returncode"] == 0 else f"FAILED (exit {result['returncode']})"
     print(
         f"  {name:5s} {kind:4s} {result['seconds']:8.1f} s  peak RSS {result['peak_rss_mb']} MB  "
-        f"load {result['load_before'][0]:.2f}  {status}",
+        f"load {result['load_before'][0]:.2f}  {status}  data log {result['data_log']}",
         flush=True,
     )
     if result["returncode"] != 0:

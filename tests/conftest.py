@@ -20,3 +20,12 @@ def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic_coco")
     return write_synthetic_coco(root, num_train=16, num_val=10, seed=0, size_range=(120, 200), num_empty=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The data modules' default cache folder (``$XDG_CACHE_HOME/ssd_lightning/data``) inside the session's
+    temporary folder, for this process and the scripts it starts, not in the user's home."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))

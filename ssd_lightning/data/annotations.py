@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import warnings
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ssd_lightning.categories import CategoryMap
+from ssd_lightning.data.annotation_columns import annotation_columns, plain_mask
 from ssd_lightning.errors import DataError, DataWarning
 from ssd_lightning.fileio import write_json_atomic
 
@@ -42,6 +44,8 @@ __all__ = [
 # in the sanitised copy instead so that the image counts we compute equal what the reader yields.
 MIN_BOX_SIZE = 0.1
 _SANITISE_VERSION = "1"
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,6 +133,9 @@ class CocoAnnotations:
         report: what sanitising dropped/clipped.
         clean_doc: the sanitised JSON document when ``report.changed`` (else None; the original is fine as
         is).
+        kept: the usable annotations as columns, in file order: ``image_id`` [M] int64, ``category_id`` [M]
+        int64, ``bbox`` [M, 4] float64 xywh pixels (clipped where needed), ``iscrowd`` [M] bool.
+        raw_sizes: image id -> (width, height) as the file gives them (what DALI divides the boxes by).
     """
 
     path: Path
@@ -141,6 +148,8 @@ class CocoAnnotations:
     num_annotations: int
     report: SanitiseReport
     clean_doc: dict | None = None
+    kept: dict[str, np.ndarray] = field(default_factory=dict)
+    raw_sizes: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def usable_image_ids(self, include_empty: bool, include_crowd: bool = True) -> list[int]:
         """Sorted ids of images a reader yields: all, or only those with (non-crowd) annotations."""
@@ -291,6 +300,31 @@ def _sanitised_box(box: list, width: float, height: float, report: SanitiseRepor
     return list(clipped)
 
 
+def _checked_annotation(
+    path: Path,
+    i: int,
+    a: object,
+    known_categories: set[int],
+    file_names: dict[int, str],
+    raw_sizes: dict[int, tuple[float, float]],
+    report: SanitiseReport,
+) -> tuple[int, int, list, bool] | None:
+    """Annotation ``i`` checked one by one: ``(image id, category id, box as the reader may read it,
+    crowd)``, or None when it is dropped (noted in ``report``); a DataError when it is malformed."""
+    iid, cid, box = _annotation_fields(path, i, a)
+    name = f"annotation {a.get('id', f'#{i}')}"
+    if cid not in known_categories:
+        report.note("unknown_category", f"{name} category {cid}")
+        return None
+    if iid not in file_names:
+        report.note("unknown_image", f"{name} image {iid}")
+        return None
+    fixed = _sanitised_box(box, *raw_sizes[iid], report, name)
+    if fixed is None:
+        return None
+    return iid, cid, fixed, bool(a.get("iscrowd", 0))
+
+
 def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
     """Read, validate and sanitise a COCO detection annotation file.
 
@@ -306,32 +340,47 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
     file_names, raw_sizes = _read_images(path, doc["images"])
 
     report = SanitiseReport()
-    kept: list[dict] = []
-    annotated: set[int] = set()
-    annotated_non_crowd: set[int] = set()
-    for i, a in enumerate(doc["annotations"]):
-        iid, cid, box = _annotation_fields(path, i, a)
-        name = f"annotation {a.get('id', f'#{i}')}"
-        if cid not in known_categories:
-            report.note("unknown_category", f"{name} category {cid}")
-            continue
-        if iid not in file_names:
-            report.note("unknown_image", f"{name} image {iid}")
-            continue
-        fixed = _sanitised_box(box, *raw_sizes[iid], report, name)
-        if fixed is None:
-            continue
-        kept.append(a if fixed is box else {**a, "bbox": fixed})
-        if "area" not in a:
-            report.note("no_area", name)
-        annotated.add(iid)
-        if not a.get("iscrowd", 0):
-            annotated_non_crowd.add(iid)
-
+    anns = doc["annotations"]
+    image_ids = np.array(sorted(file_names), dtype=np.int64)
+    columns = annotation_columns(anns)
+    if columns is None:  # a malformed entry: the per-annotation checks find and name it
+        plain = np.zeros(len(anns), dtype=bool)
+    else:
+        sizes = np.array([raw_sizes[i] for i in image_ids.tolist()], dtype=np.float64).reshape(-1, 2)
+        plain = plain_mask(columns, np.array(category_map.dataset_ids), image_ids, sizes, MIN_BOX_SIZE)
+    repaired: dict[int, tuple[int, int, list, bool]] = {}  # not plain but kept: (image, category, box, crowd)
+    for i in np.flatnonzero(~plain).tolist():
+        row = _checked_annotation(path, i, anns[i], known_categories, file_names, raw_sizes, report)
+        if row is not None:
+            repaired[i] = row
+    keep = plain.copy()
+    keep[list(repaired)] = True
+    if columns is None:
+        rows = [repaired[i] for i in sorted(repaired)]
+        columns = {
+            "image_id": np.array([r[0] for r in rows], dtype=np.int64),
+            "category_id": np.array([r[1] for r in rows], dtype=np.int64),
+            "bbox": np.array([r[2] for r in rows], dtype=np.float64).reshape(-1, 4),
+            "iscrowd": np.array([r[3] for r in rows], dtype=bool),
+        }
+    else:
+        for i, row in repaired.items():
+            columns["bbox"][i] = row[2]
+        columns = {k: v[keep] for k, v in columns.items()}
+    kept_index = np.flatnonzero(keep).tolist()
+    for i in kept_index:
+        if "area" not in anns[i]:
+            report.note("no_area", f"annotation {anns[i].get('id', f'#{i}')}")
     clean_doc = None
     if report.changed or report.repaired:
         clean_doc = {k: v for k, v in doc.items() if k != "annotations"}
-        clean_doc["annotations"] = kept
+        clean_doc["annotations"] = [
+            {**anns[i], "bbox": repaired[i][2]}
+            if i in repaired and repaired[i][2] is not anns[i]["bbox"]
+            else anns[i]
+            for i in kept_index
+        ]
+    annotated = set(columns["image_id"].tolist())
     return CocoAnnotations(
         path=path,
         categories=category_map,
@@ -339,10 +388,12 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
         file_names=file_names,
         sizes={iid: (int(round(h)), int(round(w))) for iid, (w, h) in raw_sizes.items()},
         annotated=annotated,
-        annotated_non_crowd=annotated_non_crowd,
-        num_annotations=len(kept),
+        annotated_non_crowd=set(columns["image_id"][~columns["iscrowd"]].tolist()),
+        num_annotations=len(kept_index),
         report=report,
         clean_doc=clean_doc,
+        kept=columns,
+        raw_sizes=raw_sizes,
     )
 
 
@@ -402,18 +453,21 @@ def write_reader_annotations(ann: CocoAnnotations, cache_dir: str | os.PathLike)
     return out
 
 
-def warn_sanitised(ann: CocoAnnotations, reader_file: Path) -> None:
-    """Issue the single :class:`DataWarning` for a sanitised annotation file (no-op when nothing was
-    counted)."""
-    if ann.report.changed:
-        warnings.warn(
-            f"{ann.path}: {ann.report.summary()}; the pipeline reads a corrected copy ({reader_file}). "
-            "Fix the annotation file to silence this warning.",
-            DataWarning,
-            stacklevel=3,
+def warn_sanitised(path: Path, report: dict, reader_file: Path) -> None:
+    """Report a repaired annotation file once: one :class:`DataWarning` and the same line through logging
+    (so that it lands in the run's log, also under ``-W ignore``). ``report``: ``{"summary", "changed",
+    "no_area"}`` (the index's copy of :class:`SanitiseReport`); nothing is said when nothing was counted."""
+    if report["changed"]:
+        message = (
+            f"{path}: {report['summary']}; the pipeline reads a corrected copy ({reader_file}). "
+            "Fix the annotation file to silence this warning."
         )
-    elif ann.report.no_area:
-        warnings.warn(f"{ann.path}: {ann.report.summary()}", DataWarning, stacklevel=3)
+    elif report["no_area"]:
+        message = f"{path}: {report['summary']}"
+    else:
+        return
+    log.warning("data: %s", message)
+    warnings.warn(message, DataWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,29 +22,29 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import warnings
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssd_lightning.boxes import ssd300_default_boxes
 from ssd_lightning.categories import CategoryMap
-from ssd_lightning.data.annotations import (
-    CocoAnnotations,
-    read_annotations,
-    warn_sanitised,
-    write_reader_annotations,
+from ssd_lightning.data.annotations import warn_sanitised
+from ssd_lightning.data.index import (
+    AnnotationIndex,
+    check_shared_categories,
+    ensure_images_checked,
+    load_index,
+    writable_cache_dir,
 )
-from ssd_lightning.data.image_check import check_image_files
 from ssd_lightning.data.layout import resolve_split_paths
 from ssd_lightning.data.loaders import EvalLoader, TrainLoader, _DaliLoader
 from ssd_lightning.data.pipelines import Augmentation, eval_pipeline, train_pipeline
+from ssd_lightning.data.reader_files import built_pipeline
 from ssd_lightning.data.sharding import augmentation_seed, epoch_permutation, resolve_runtime, shard_range
 from ssd_lightning.data.synthetic import ensure_synthetic_coco_on_rank
 from ssd_lightning.errors import DataError, DataWarning
@@ -94,7 +94,9 @@ class COCODataModule(pl.LightningDataModule):
         train_include_crowd: use ``iscrowd`` boxes as training targets (NVIDIA does; COCO evaluation always
             treats them as ignore regions).
         check_images: check every image's header/trailer/size up front (existence is always checked).
-        cache_dir: where a sanitised annotation copy is written when needed (default: a private temp folder).
+        cache_dir: where the annotation index, the image-check stamps and a repaired annotation copy are kept
+            between launches (default: ``$XDG_CACHE_HOME/ssd_lightning/data``, i.e.
+            ``~/.cache/ssd_lightning/data``; see :mod:`ssd_lightning.data.index`).
         synthetic: if set (kwargs of :func:`ensure_synthetic_coco`, e.g. ``{num_train: 1000, num_val: 200}``),
             the synthetic set is written into ``root`` on first use.
         crop_*, flip_probability, brightness, contrast, saturation, hue (degrees), mean, std, match_iou:
@@ -179,17 +181,17 @@ class COCODataModule(pl.LightningDataModule):
         self.train_image_ids = bool(train_image_ids)
 
         self._paths: dict[str, tuple[Path, Path]] = {}
-        self._ann: dict[str, CocoAnnotations] = {}
+        self._ann: dict[str, AnnotationIndex] = {}
         self._reader_files: dict[str, Path] = {}
         self._checked: set[str] = set()
-        self._tmp: str | None = None  # private temp folder for sanitised annotation copies
+        self._cache: Path | None = None
         self._runtime: dict[str, Any] | None = None
         self._loaders: list[_DaliLoader] = []
 
     def __getstate__(self) -> dict:
         # Picklable for ddp_spawn: pipelines, temp folders and checks are redone in the receiving process.
         state = self.__dict__.copy()
-        for key, empty in (("_tmp", None), ("_runtime", None), ("_loaders", []), ("_checked", set())):
+        for key, empty in (("_cache", None), ("_runtime", None), ("_loaders", []), ("_checked", set())):
             state[key] = empty
         state["_reader_files"] = {}
         return state
@@ -197,7 +199,12 @@ class COCODataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------- data access
 
     def prepare_data(self) -> None:
-        """Write the synthetic set (when configured). Lightning calls this on one process per node."""
+        """Write the synthetic set (when configured). Lightning calls this on one process per node.
+
+        The annotation index and the image check are not done here but in :meth:`setup`, under a file lock in
+        the cache folder: the first process of the node does them, the others wait and load the result (so a
+        bad file ends every rank with the same one-line error instead of leaving them at a barrier).
+        """
         self._ensure_synthetic()
 
     def _ensure_synthetic(self) -> None:
@@ -214,22 +221,23 @@ class COCODataModule(pl.LightningDataModule):
             self._paths[split] = resolve_split_paths(self.root, split, images, annotations)
         return self._paths[split]
 
-    def _annotations(self, split: str) -> CocoAnnotations:
-        """Parse and validate a split's annotation file once (no image checks)."""
+    def _annotations(self, split: str) -> AnnotationIndex:
+        """A split's annotation index (parsed and validated once per file and node, then cached; no image
+        checks)."""
         if split not in self._ann:
             _images, ann_file = self._split_paths(split)
-            ann = read_annotations(ann_file)
-            if not ann.image_ids:
+            ann = load_index(ann_file, self._cache_dir(), split)
+            if not len(ann.image_ids):
                 raise DataError(
                     f"{ann_file} lists no images; the {split} split is empty, point it at a non-empty set"
                 )
-            if not ann.annotated:
+            if not ann.num_annotations:
                 raise DataError(
                     f"none of the {len(ann.image_ids)} images in {ann_file} has a usable annotation"
-                    + (f" ({ann.report.summary()})" if ann.report.changed else "")
+                    + (f" ({ann.report['summary']})" if ann.report["changed"] else "")
                     + f"; the {split} split needs annotated images"
                 )
-            if split == "train" and not self.train_include_crowd and not ann.annotated_non_crowd:
+            if split == "train" and not self.train_include_crowd and ann.ann_crowd.all():
                 raise DataError(
                     f"{ann_file} has only crowd annotations and data.train_include_crowd is false; "
                     "set data.train_include_crowd=true"
@@ -237,31 +245,34 @@ class COCODataModule(pl.LightningDataModule):
             self._ann[split] = ann
         return self._ann[split]
 
-    def _prepare_split(self, split: str) -> CocoAnnotations:
-        """Annotations + image checks + the file DALI reads (sanitised copy if needed, with its warning)."""
+    def _prepare_split(self, split: str) -> AnnotationIndex:
+        """Annotations + image checks (both cached) + the file DALI reads, with the repair warning."""
         ann = self._annotations(split)
         if split not in self._checked:
             images_dir, _ = self._split_paths(split)
-            check_image_files(images_dir, ann, self._reader_ids(split), check_content=self.check_images)
-            self._reader_files[split] = write_reader_annotations(ann, self._cache_dir())
+            ensure_images_checked(
+                ann, images_dir, self._reader_positions(split), self.check_images, self._cache_dir(), split
+            )
+            self._reader_files[split] = ann.reader_file
             if self._global_rank() == 0:
-                warn_sanitised(ann, self._reader_files[split])
+                warn_sanitised(ann.path, ann.report, ann.reader_file)
             self._checked.add(split)
         return ann
 
-    def _reader_ids(self, split: str) -> list[int]:
+    def _reader_positions(self, split: str) -> np.ndarray:
+        """Positions in the split's index of the images its reader yields, by ascending image id."""
         ann = self._annotations(split)
         if split == "train":
-            return ann.usable_image_ids(include_empty=False, include_crowd=self.train_include_crowd)
-        return ann.usable_image_ids(include_empty=self.val_include_empty)
+            return ann.usable_positions(include_empty=False, include_crowd=self.train_include_crowd)
+        return ann.usable_positions(include_empty=self.val_include_empty)
+
+    def _reader_ids(self, split: str) -> list[int]:
+        return self._annotations(split).image_ids[self._reader_positions(split)].tolist()
 
     def _cache_dir(self) -> Path:
-        if self.cache_dir is not None:
-            return Path(self.cache_dir)
-        if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="ssd_lightning_data_")
-            weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
-        return Path(self._tmp)
+        if self._cache is None:
+            self._cache = writable_cache_dir(self.cache_dir)
+        return self._cache
 
     # ------------------------------------------------------------------------------------- properties
 
@@ -309,7 +320,7 @@ class COCODataModule(pl.LightningDataModule):
     @property
     def num_train_images(self) -> int:
         """Images the training pipeline reads per epoch (all ranks)."""
-        return len(self._reader_ids("train"))
+        return len(self._reader_positions("train"))
 
     # ------------------------------------------------------------------------------------- runtime
 
@@ -340,21 +351,9 @@ class COCODataModule(pl.LightningDataModule):
             for split in splits:
                 self._prepare_split(split)
         if "train" in self._ann and "val" in self._ann:
-            train_cats, val_cats = self._ann["train"].categories, self._ann["val"].categories
-            known = dict(zip(train_cats.dataset_ids, train_cats.names, strict=True))
-            odd = [
-                (cid, name)
-                for cid, name in zip(val_cats.dataset_ids, val_cats.names, strict=True)
-                if known.get(cid) != name
-            ]
-            if odd:
-                raise DataError(
-                    f"category {odd[0][0]} ({odd[0][1]!r}) of {self._ann['val'].path} is not in "
-                    f"{self._ann['train'].path} under that id and name; "
-                    "train and val must share their categories"
-                )
+            check_shared_categories(self._ann["train"], self._ann["val"])
         if "train" in self._ann:
-            n = len(self._reader_ids("train"))
+            n = len(self._reader_positions("train"))
             world = self._runtime["world"]
             if (n // world) // self.batch_size == 0:
                 raise DataError(
@@ -371,18 +370,22 @@ class COCODataModule(pl.LightningDataModule):
         rt = self._runtime_or_setup("fit", "train")
         ann = self._ann["train"]
         images_dir, _ = self._split_paths("train")
-        ids = self._reader_ids("train")
-        num_batches = (len(ids) // rt["world"]) // self.batch_size
+        positions = self._reader_positions("train")
+        num_batches = (len(positions) // rt["world"]) // self.batch_size
         reader_file = self._reader_files["train"]
         anchors = ssd300_default_boxes().ltrb_list()
 
-        mine = shard_range(len(ids), rt["rank"], rt["world"])
+        mine = shard_range(len(positions), rt["rank"], rt["world"])
 
         def build(epoch: int):
             # this rank's contiguous shard of the epoch's global permutation (disjoint shards, equal on every
             # rank), read in that order; augmentation seeded by (seed, epoch, rank)
-            order = epoch_permutation(self.seed, epoch, len(ids))[mine.start : mine.stop]
-            return train_pipeline(
+            order = positions[epoch_permutation(self.seed, epoch, len(positions))[mine.start : mine.stop]]
+            return built_pipeline(
+                ann,
+                order,
+                self.train_include_crowd,
+                train_pipeline,
                 images_dir=str(images_dir),
                 annotation_file=str(reader_file),
                 anchors_ltrb=anchors,
@@ -391,7 +394,6 @@ class COCODataModule(pl.LightningDataModule):
                 device_id=rt["device_id"],
                 seed=augmentation_seed(self.seed, epoch, rt["rank"]),
                 shuffle_seed=self.seed % 2**31,
-                file_names=[ann.file_names[ids[i]] for i in order],
                 shard_id=0,
                 num_shards=1,
                 decode_device=rt["decode"],
@@ -402,12 +404,11 @@ class COCODataModule(pl.LightningDataModule):
                 augmentation=self.augmentation,
             )
 
-        files = [images_dir / ann.file_names[ids[i]] for i in mine]
         loader = TrainLoader(
             build,
             "train",
             images_dir,
-            lambda _pos: files,
+            lambda _pos: [images_dir / name for name in ann.file_names_at(positions[mine.start : mine.stop])],
             rt["cast"],
             batch_size=self.batch_size,
             num_batches=num_batches,
@@ -436,18 +437,19 @@ class COCODataModule(pl.LightningDataModule):
         rt = self._runtime_or_setup(stage, "val")
         ann = self._ann["val"]
         images_dir, _ = self._split_paths("val")
-        ids = self._reader_ids("val")
-        file_names = [ann.file_names[i] for i in ids]
+        positions = self._reader_positions("val")
         reader_file = self._reader_files["val"]
-        mine = shard_range(len(ids), rt["rank"], rt["world"])
-        shard_files = [images_dir / file_names[i] for i in mine]
+        mine = shard_range(len(positions), rt["rank"], rt["world"])
         window = (self.prefetch_queue_depth + 2) * self.val_batch_size
 
         def build():
-            return eval_pipeline(
+            return built_pipeline(
+                ann,
+                positions,
+                True,
+                eval_pipeline,
                 images_dir=str(images_dir),
                 annotation_file=str(reader_file),
-                file_names=file_names,
                 batch_size=self.val_batch_size,
                 num_threads=self.num_threads,
                 device_id=rt["device_id"],
@@ -463,6 +465,7 @@ class COCODataModule(pl.LightningDataModule):
 
         def candidates(position: int) -> list[Path]:
             # The failing batch is within the prefetch window after the consumed position; then the rest.
+            shard_files = [images_dir / name for name in ann.file_names_at(positions[mine.start : mine.stop])]
             start = min(position, len(shard_files))
             return shard_files[start : start + window] + shard_files[:start] + shard_files[start + window :]
 

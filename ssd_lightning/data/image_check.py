@@ -9,8 +9,10 @@ file (what the loaders use to name the file behind a decode failure).
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,12 +23,17 @@ from PIL import Image, UnidentifiedImageError
 from ssd_lightning.data.annotations import CocoAnnotations
 from ssd_lightning.errors import DataError
 
-__all__ = ["check_image_files", "dali_decode_error", "inspect_image"]
+__all__ = ["check_image_files", "cpu_decode_pipeline", "dali_decode_error", "inspect_image"]
 
-_HEAD = 1 << 16
+log = logging.getLogger(__name__)
 
-
+# A JPEG's frame header is almost always in its first few KB (after EXIF/ICC segments it can be further:
+# then _MORE at a time is read until it is found); the trailer is in the last few bytes.
+_HEAD = 4096
+_MORE = 1 << 16
 _TAIL = 4096
+# Log a progress line at most this often while checking (seconds).
+_PROGRESS_EVERY = 5.0
 
 
 # Formats DALI's image decoders read.
@@ -78,41 +85,57 @@ def _jpeg_header(head: bytes, read_more) -> tuple[int, int]:
 
 
 def dali_decode_error(path: str | os.PathLike) -> str | None:
-    """Decode one file with DALI's own CPU decoder (dynamic mode); the failure reason, or None if it decodes.
+    """Decode one file with DALI's own CPU decoder; the failure reason, or None if it decodes.
 
     The exact oracle for "will the pipeline decode this file", used where the cheap checks are not conclusive
-    and to name the culprit after a pipeline failed to decode a batch (DALI does not say which file). Not
-    thread-safe: call it from one thread.
+    and to name the culprit after a pipeline failed to decode a batch (DALI does not say which file). The
+    pipeline is CPU-only (:func:`cpu_decode_pipeline`): it never opens a GPU context, whichever GPU the
+    caller's rank uses (or has not chosen yet).
     """
-    from nvidia.dali.experimental import dynamic as ndd  # lazy: DALI's eager API, only for a suspect file
-
+    pipe = cpu_decode_pipeline(np.fromfile(path, dtype=np.uint8))
     try:
-        data = np.fromfile(path, dtype=np.uint8)
-        ndd.decoders.image(ndd.as_tensor(data), device="cpu", adjust_orientation=False).evaluate()
+        pipe.build()
+        pipe.run()
     except Exception as e:  # noqa: BLE001 - any failure of the decoder is the answer
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("C++ context")]
+        text = str(e)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("C++ context")]
         reason = lines[0] if lines else type(e).__name__
-        if "Failed to decode sample" in reason or "nvImageCodec failure" in reason:
+        if any(k in text for k in ("Failed to decode", "nvImageCodec failure", "Critical error in pipeline")):
             reason = "corrupt image data"  # the codec's own words go to stderr, not into the exception
         return reason
     return None
 
 
+def cpu_decode_pipeline(data: np.ndarray):
+    """An unbuilt DALI pipeline (``device_id=None``: CPU only) that decodes the encoded bytes ``data`` (uint8
+    [B]) to RGB as the training and evaluation pipelines do."""
+    from nvidia.dali import fn, pipeline_def, types  # lazy: DALI only for a suspect file
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def decode():
+        encoded = fn.external_source(source=lambda: [data], batch=True)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+    return decode()
+
+
 def _inspect(path: Path) -> tuple[str, int, int, str | None]:
-    """:func:`inspect_image` without the decoder check: (format, width, height, suspicion or None)."""
+    """:func:`inspect_image` without the decoder check: (format, width, height, suspicion or None).
+
+    Reads the first :data:`_HEAD` bytes (more only while a JPEG's frame header is not found) and the last
+    :data:`_TAIL` bytes: two ``pread`` calls for most files, whatever their size.
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(_HEAD)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            total = os.fstat(fd).st_size
+            head = os.pread(fd, _HEAD, 0)
             if not head:
                 raise ValueError("empty file")
-            f.seek(0, os.SEEK_END)
-            total = f.tell()
-            f.seek(max(0, total - _TAIL))
-            tail = f.read()
+            tail = head[-_TAIL:] if total <= len(head) else os.pread(fd, _TAIL, max(0, total - _TAIL))
 
             def read_more(offset: int) -> bytes:
-                f.seek(offset)
-                return f.read(_HEAD)
+                return os.pread(fd, _MORE, offset)
 
             if head[:3] == b"\xff\xd8\xff":
                 width, height = _jpeg_header(head, read_more)
@@ -124,6 +147,8 @@ def _inspect(path: Path) -> tuple[str, int, int, str | None]:
                 width, height = struct.unpack(">II", head[16:24])
                 suspect = None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
                 return "PNG", width, height, suspect
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise ValueError("file not found") from None
     except IsADirectoryError:
@@ -162,17 +187,43 @@ def inspect_image(path: str | os.PathLike) -> tuple[str, int, int]:
     return fmt, width, height
 
 
+def _run_in_threads(check, ids: list[int], max_workers: int, progress: str | None) -> list[str | None]:
+    """``[check(i) for i in ids]`` in threads, in chunks, with a progress log line every few seconds."""
+    chunk = 1024
+    chunks = [ids[k : k + chunk] for k in range(0, len(ids), chunk)]
+    results: list[str | None] = []
+    start = last = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        for part in pool.map(lambda c: [check(i) for i in c], chunks):
+            results.extend(part)
+            now = time.perf_counter()
+            if progress and now - last >= _PROGRESS_EVERY and len(results) < len(ids):
+                last = now
+                log.info(
+                    "data: checked %s of %s %s images (%.0f/s)",
+                    f"{len(results):,}",
+                    f"{len(ids):,}",
+                    progress,
+                    len(results) / (now - start),
+                )
+    return results
+
+
 def check_image_files(
     image_dir: str | os.PathLike,
     ann: CocoAnnotations,
     image_ids: Iterable[int],
     check_content: bool = True,
-    max_workers: int = 8,
+    max_workers: int = 4,
+    progress: str | None = None,
 ) -> None:
     """Check that every listed image exists (and, with ``check_content``, is intact and of the annotated
-    size).
+    size), in ``max_workers`` threads.
 
-    Raises one :class:`DataError` listing the first few bad files with their reasons and the total count.
+    ``ann``: anything with ``path``, ``file_names`` and ``sizes`` mappings by image id (a
+    :class:`CocoAnnotations` or an annotation index). ``progress``: the split's name, to log a line with
+    counts and rate every few seconds. Raises one :class:`DataError` listing the first few bad files with
+    their reasons and the total count.
     """
     image_dir = Path(image_dir)
     ids = list(image_ids)
@@ -190,8 +241,7 @@ def check_image_files(
             return f"image is {width}x{height} but the annotation says {w}x{h} (boxes would be misplaced)"
         return f"?{suspect}" if suspect else None
 
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        results = list(pool.map(check, ids, chunksize=64))
+    results = _run_in_threads(check, ids, max_workers, progress)
     for k, (iid, r) in enumerate(zip(ids, results, strict=True)):
         if r is not None and r.startswith("?"):  # not conclusive: ask the decoder (rare, one thread)
             results[k] = r[1:] if dali_decode_error(image_dir / ann.file_names[iid]) is not None else None

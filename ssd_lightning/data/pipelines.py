@@ -89,6 +89,15 @@ def _uniform(bounds: Sequence[float]):
     return low if low == high else fn.random.uniform(range=[low, high])
 
 
+def _annotation_source(annotation_file: str, preprocessed: str | None, **parsing) -> dict:
+    """The reader's annotation arguments: the JSON file with how to parse it (relative ltrb boxes and
+    ``parsing``), or a folder of preprocessed files, which hold the parsed values (DALI refuses parsing
+    arguments with them)."""
+    if preprocessed is not None:
+        return {"preprocessed_annotations": preprocessed}
+    return {"annotations_file": annotation_file, "ratio": True, "ltrb": True, **parsing}
+
+
 def _normalize(images, mean: Sequence[float], std: Sequence[float], dtype: str, mirror=None):
     return fn.crop_mirror_normalize(
         images,
@@ -120,6 +129,7 @@ def train_pipeline(
     prefetch_queue_depth: int = 2,
     return_image_ids: bool = False,
     file_names: Sequence[str] | None = None,
+    preprocessed_annotations: str | None = None,
 ) -> Pipeline:
     """NVIDIA SSD300 v1.1 training pipeline (the DALI SSD example's ``coco_pipeline.py`` graph, ``fn`` API).
 
@@ -144,6 +154,10 @@ def train_pipeline(
     of the whole file re-shuffled after every epoch (``shuffle_seed`` is then unused). The data module builds
     one such pipeline per epoch, with the epoch's order and seed, so that an epoch's data does not depend on
     the epochs before it (exact resume).
+
+    ``preprocessed_annotations``: a folder of DALI's preprocessed annotation files
+    (:mod:`~ssd_lightning.data.reader_files`) to read instead of ``annotation_file``, in their order, every
+    image listed there (the same samples as ``file_names``, without parsing the JSON file).
     """
     require_dali()
     gpu = decode_device == "mixed"
@@ -157,17 +171,17 @@ def train_pipeline(
     )
     def graph():
         aug = augmentation
-        if file_names is None:
+        if preprocessed_annotations is not None:
+            order = {"random_shuffle": False}
+        elif file_names is None:
             order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed}
         else:
             order = {"images": list(file_names), "random_shuffle": False}
         outputs = fn.readers.coco(
             file_root=images_dir,
-            annotations_file=annotation_file,
-            ratio=True,
-            ltrb=True,
-            skip_empty=True,
-            include_iscrowd=include_crowd,
+            **_annotation_source(
+                annotation_file, preprocessed_annotations, skip_empty=True, include_iscrowd=include_crowd
+            ),
             **order,
             pad_last_batch=True,
             shard_id=shard_id,
@@ -228,7 +242,7 @@ def eval_pipeline(
     *,
     images_dir: str,
     annotation_file: str,
-    file_names: Sequence[str],
+    file_names: Sequence[str] | None = None,
     batch_size: int,
     num_threads: int,
     device_id: int | None,
@@ -240,14 +254,17 @@ def eval_pipeline(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     prefetch_queue_depth: int = 2,
+    preprocessed_annotations: str | None = None,
 ) -> Pipeline:
     """Evaluation pipeline: decode, 300x300 resize, ImageNet normalisation; yields the image ids.
 
     Reads exactly ``file_names`` (in that order, sharded contiguously, the shard padded with its last sample
     so that ``DALIGenericIterator(reader_name=..., last_batch_policy=PARTIAL)`` can drop the padding), every
     epoch the same shard (``stick_to_shard``), so every image is seen exactly once per epoch over all shards.
+    ``preprocessed_annotations``: as in :func:`train_pipeline` (then listing ``file_names``, in that order).
     """
     require_dali()
+    listed = {} if preprocessed_annotations is not None else {"images": list(file_names)}
 
     @pipeline_def(
         batch_size=batch_size,
@@ -259,11 +276,8 @@ def eval_pipeline(
     def graph():
         jpegs, _boxes, _labels, image_ids = fn.readers.coco(
             file_root=images_dir,
-            annotations_file=annotation_file,
-            images=list(file_names),
-            ratio=True,
-            ltrb=True,
-            skip_empty=False,
+            **_annotation_source(annotation_file, preprocessed_annotations, skip_empty=False),
+            **listed,
             image_ids=True,
             shard_id=shard_id,
             num_shards=num_shards,

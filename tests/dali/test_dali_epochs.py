@@ -73,3 +73,20 @@ def test_shards_of_an_epoch_partition_its_permutation():
     assert order.tolist() == epoch_permutation(0, 3, 10).tolist() != epoch_permutation(0, 4, 10).tolist()
     seeds = {augmentation_seed(0, e, r) for e in range(3) for r in range(4)}
     assert len(seeds) == 12 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_the_next_epoch_built_ahead_gives_the_same_data(synthetic_coco):
+    ahead = _loader(synthetic_coco)
+    first = iter(ahead)
+    batches = [next(first)]
+    assert ahead._ahead is not None and ahead._ahead[0] == 1  # epoch 1 is being built while epoch 0 runs
+    batches += list(first)
+    built_ahead = ahead._ahead[1]
+    second = _epoch(ahead)  # takes over the pipeline built ahead
+    assert built_ahead.done() and ahead._ahead[0] == 2
+    plain = _loader(synthetic_coco)
+    plain.background = False
+    assert _same(_epoch(plain), batches) and _same(_epoch(plain), second) and plain._ahead is None
+    # a loader asked for another epoch than the one built ahead drops it and builds the right one
+    jumping = _loader(synthetic_coco, epoch_source=lambda: 1)
+    assert _same(_epoch(jumping), second) and _same(_epoch(jumping), second)
