@@ -1,13 +1,19 @@
-"""``predict.py``: pictures in; drawn boxes and COCO results out.
+"""``predict.py``: pictures in; drawn boxes and COCO results out, through Lightning's ``trainer.predict``.
 
-Preprocessing is the validation pipeline's (``ssd_lightning.data.pipelines.eval_pipeline``), not NVIDIA's hub
-helpers' (those resize the short side, centre-crop and normalise with ``(x*256-128)/128``, which is not what
-the network was trained on: NVIDIA's ``PyTorch/Detection/SSD/ssd/entrypoints.py``). Each image is decoded with
-PIL to RGB (grayscale, palette, CMYK, 16-bit and alpha images included; no EXIF rotation, as DALI's
-``adjust_orientation=False``), squash-resized to 300x300 (bilinear with antialiasing, uint8 result, as DALI's
-triangular-filter resize), then normalised with the ImageNet mean/std. PIL rather than DALI because DALI
-aborts the whole pipeline on one corrupt file without naming it; here an unreadable file is reported by name
-and skipped.
+The model is a train.py or NVIDIA checkpoint's network in an ``SSDModule`` or an ``export.py`` ONNX file in an
+``OnnxDetector`` (:mod:`ssd_lightning.training.prediction`); both run the same ``predict_step``
+post-processing. The files come from :class:`~ssd_lightning.data.pictures.PicturesDataModule` (each rank its
+own contiguous share), and ``PredictionWriter`` turns the detections into result rows and drawings on each
+rank and gathers the rows, in file order, for rank 0 to write.
+
+Preprocessing (``ssd_lightning.images``) is the validation pipeline's
+(``ssd_lightning.data.pipelines.eval_pipeline``), not NVIDIA's hub helpers' (those resize the short side,
+centre-crop and normalise with ``(x*256-128)/128``, which is not what the network was trained on: NVIDIA's
+``PyTorch/Detection/SSD/ssd/entrypoints.py``). Each image is decoded with PIL to RGB (grayscale, palette,
+CMYK, 16-bit and alpha images included; no EXIF rotation, as DALI's ``adjust_orientation=False``),
+squash-resized to 300x300 (bilinear with antialiasing, uint8 result, as DALI's triangular-filter resize), then
+normalised with the ImageNet mean/std. PIL rather than DALI because DALI aborts the whole pipeline on one
+corrupt file without naming it; here an unreadable file is reported by name and skipped.
 
 Box formats: ``SSD300.detect`` gives ltrb relative to the 300x300 input; the results JSON holds COCO
 ``[x, y, w, h]`` in pixels of the original image (exact, since the resize is a squash).
@@ -15,7 +21,6 @@ Box formats: ``SSD300.detect`` gives ltrb relative to the 300x300 input; the res
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Sequence
@@ -40,8 +45,6 @@ from ssd_lightning.runtime.ddp_sweeps import JobScope, install_ddp_sweep_support
 from ssd_lightning.runtime.devices import resolve_device
 from ssd_lightning.training.module import SSDModule
 from ssd_lightning.training.prediction import OnnxDetector, Predictions, PredictionWriter
-
-log = logging.getLogger("ssd_lightning")
 
 DETECTIONS_FILE = "detections.json"
 
@@ -278,7 +281,7 @@ def _write_results(cfg: DictConfig, result: PredictResult) -> None:
     print(
         f"{n} images, {len(result.detections)} detections (score > {float(cfg.score_threshold):g})"
         + (f", {skipped} file{'s' * (skipped != 1)} skipped" if skipped else "")
-        + f" in {result.seconds:.2f} s ({(n + skipped) / max(result.seconds, 1e-9):.1f} images/s{processes})"
+        + f" in {result.seconds:.2f} s ({(n + skipped) / max(result.seconds, 1e-9):.3g} images/s{processes})"
         + f": {result.detections_file}"
         + (f", drawings in {result.drawings_dir}" if result.drawings_dir is not None else ""),
         flush=True,

@@ -33,8 +33,10 @@ def test_batch_of_readable_and_unreadable_pictures(tmp_path):
     (tmp_path / "b.jpg").write_bytes(b"not a picture")
     batch = collate_pictures([decode_picture(0, tmp_path / "a.png"), decode_picture(1, tmp_path / "b.jpg")])
     assert batch["images"].shape == (1, 3, 300, 300) and batch["images"].dtype == torch.float32
-    assert batch["index"] == [0] and batch["sizes"] == [(30, 40)] and batch["originals"][0].shape == (30, 40, 3)
-    assert batch["failed"] == [(1, str(tmp_path / "b.jpg"), "not an image file (or a format PIL cannot read)")]
+    assert batch["index"] == [0] and batch["sizes"] == [(30, 40)]
+    assert batch["originals"][0].shape == (30, 40, 3)
+    unreadable = "not an image file (or a format PIL cannot read)"
+    assert batch["failed"] == [(1, str(tmp_path / "b.jpg"), unreadable)]
     empty = collate_pictures([decode_picture(1, tmp_path / "b.jpg")])
     assert empty["images"].shape == (0, 3, 300, 300) and empty["index"] == []
 
@@ -64,7 +66,7 @@ def test_trainer_test_reports_the_coco_metrics_as_test(synthetic_coco, tmp_path)
         "data.batch_size=4",
         f"ckpt_path={ckpt}",
         "trainer.precision=32-true",
-        "trainer.enable_progress_bar=false",
+        "+trainer.enable_progress_bar=false",
     ]
     cfg = compose_config("evaluate", overrides, tmp_path / "run")
     module = load_for_evaluation(cfg, str(ckpt))
