@@ -210,6 +210,7 @@ def predict(cfg: DictConfig) -> PredictResult:
     files = _input_files(cfg)
     with JobScope():
         module, categories = load_predictor(cfg, global_rank_from_env())
+        module.allow_zero_length_dataloader_with_multiple_devices = True  # fewer files than processes
         output_dir = Path(cfg.paths.output_dir)
         drawings_dir = output_dir / DRAWINGS_DIR if cfg.get("save_images", True) else None
         if drawings_dir is not None:

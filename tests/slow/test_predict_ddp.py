@@ -1,5 +1,5 @@
 """predict.py through Lightning's trainer.predict on 2 CPU processes (DDP, gloo): every picture predicted by
-exactly one process, and the same files written as by one process."""
+exactly one process, and the same files written as by one process; also with one picture for two processes."""
 
 from __future__ import annotations
 
@@ -59,3 +59,11 @@ def test_two_process_predict_covers_every_picture_once(tmp_path):
     assert [Path(s["file_name"]).name for s in index_two["skipped"]] == ["broken.jpg"]
     assert sorted(p.name for p in (two / "images").iterdir()) == [f"{i:03d}.png" for i in range(7)]
     assert (two / "predict_rank1.log").is_file()  # rank 1 ran in the same run directory
+
+    # fewer files than processes: rank 0's share is empty (Lightning refuses an empty loader by default)
+    single = [f"ckpt_path={ckpt}", f"input={pictures}/003.jpg", "num_workers=0", "progress_bar=false"]
+    lone, stdout = _predict(tmp_path, "lone", *single, *ddp)
+    assert "1 images," in stdout and "on 2 processes [0, 1]" in stdout, stdout
+    rows = json.loads((lone / "detections.json").read_text())
+    want = [r for r in json.loads((one / "detections.json").read_text()) if r["image_id"] == 4]  # 4th file
+    assert rows == [{**r, "image_id": 3} for r in want] and rows  # alone, the file's number is its id
