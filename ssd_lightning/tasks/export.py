@@ -1,18 +1,21 @@
-"""``export.py``: the network as ONNX, TorchScript or a torch.export archive, verified before it is kept.
+"""``export.py``: the network as ONNX or a torch.export archive, verified before it is kept.
 
-The file is written to a temporary name, run on random input with a batch size other than the example's
-(onnxruntime for ONNX), compared with PyTorch within a tolerance, and only then renamed into place; the class
-ids and names and the preprocessing constants travel with it as metadata.
+Both go through ``torch.export`` with a dynamic batch dimension: ONNX with the current exporter
+(``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``), the archive with ``torch.export.save``
+(``.pt2``). TorchScript (``torch.jit.trace``) is deprecated in torch 2.14 and no longer written: the
+``.pt2`` archive is its replacement. The file is written to a temporary name, run on random input with a
+batch size other than the example's (onnxruntime for ONNX), compared with PyTorch within a tolerance, and only
+then renamed into place; the class ids and names and the preprocessing constants travel with it as metadata
+(ONNX ``metadata_props``, read back by ``predict.py ckpt_path=model.onnx``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import json
+import logging
 import math
 import os
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +30,25 @@ from ssd_lightning.errors import ConfigError, ExportError
 from ssd_lightning.fileio import atomic_path
 from ssd_lightning.images import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from ssd_lightning.model import SSD300
+from ssd_lightning.model.onnx_file import OnnxSSD300
 
 # format -> file suffix
 EXPORT_FORMATS: dict[str, str] = {
     "onnx": ".onnx",
-    "torchscript": ".torchscript.pt",
     "exported_program": ".pt2",
 }
 
+#: formats no longer written, and what to use instead
+RETIRED_FORMATS: dict[str, str] = {
+    "torchscript": (
+        "format=torchscript: TorchScript (torch.jit.trace) is deprecated in torch 2.14 and no longer "
+        "written; use format=exported_program (a torch.export .pt2 file: "
+        "torch.export.load(path).module()) or format=onnx"
+    ),
+}
 
-METADATA_FILE = "ssd_lightning.json"  # extra file in TorchScript / torch.export archives
+
+METADATA_FILE = "ssd_lightning.json"  # extra file in torch.export archives
 
 
 @dataclass(frozen=True)
@@ -64,76 +76,57 @@ def _metadata(ckpt: LoadedCheckpoint, categories: CategoryMap) -> dict[str, Any]
     }
 
 
-@contextlib.contextmanager
-def _quiet_export_warnings() -> Iterator[None]:
-    """Silence the exporters' deprecation notices (legacy ONNX exporter, ``torch.jit``), tracer warnings."""
-    with warnings.catch_warnings():
-        for pattern in (
-            r".*legacy TorchScript-based ONNX export.*",
-            r".*feature will be removed.*",
-            r".*torch\.jit\..*",
-        ):
-            warnings.filterwarnings("ignore", message=pattern)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
+def _check_format(format: str) -> None:
+    if format in RETIRED_FORMATS:
+        raise ConfigError(RETIRED_FORMATS[format])
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"format={format}: unknown export format; use one of {', '.join(EXPORT_FORMATS)}")
+
+
+def _dynamic_batch(example: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The example (at least 2 images: ``torch.export`` specialises a size-1 dimension, which would then not
+    stay dynamic) and the ``dynamic_shapes`` that make the batch dimension of ``images`` dynamic."""
+    if example.shape[0] == 1:
+        example = example.expand(2, -1, -1, -1)
+    return example, {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
 
 
 def _export_onnx(model: SSD300, example: torch.Tensor, path: Path, metadata: dict, opset: int) -> None:
     try:
-        import onnx  # lazy: a dev dependency, needed for format=onnx only
+        import onnx  # lazy: optional (the onnx extra), needed for format=onnx only
     except ImportError:
+        onnx = None
+    if onnx is None or importlib.util.find_spec("onnxscript") is None:  # the dynamo exporter needs onnxscript
         raise ConfigError(
-            "format=onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
-        ) from None
-    # The TorchScript-based exporter: the torch.export-based one (dynamo=True) needs onnxscript.
-    with _quiet_export_warnings():
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=["images"],
-            output_names=["locs", "confs"],
-            dynamic_axes={"images": {0: "batch"}, "locs": {0: "batch"}, "confs": {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
+            "format=onnx needs the onnx, onnxscript and onnxruntime packages: "
+            "pip install onnx onnxscript onnxruntime"
         )
-    proto = onnx.load(str(path))
+    for name in ("onnxscript", "onnx_ir"):  # their INFO lines narrate every graph-optimisation pass
+        logging.getLogger(name).setLevel(logging.WARNING)
+    example, dynamic_shapes = _dynamic_batch(example)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["locs", "confs"],
+        dynamic_shapes=dynamic_shapes,
+        opset_version=opset,
+        verbose=False,
+    )
     for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+        program.model.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
+    program.save(str(path), external_data=False)  # one file (the weights inside), renamed as a whole
+    onnx.checker.check_model(str(path))
 
 
 def _run_onnx(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        import onnxruntime as ort  # lazy: a dev dependency, needed for format=onnx only
-    except ImportError:
-        raise ConfigError(
-            "format=onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
-        ) from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    locs, confs = session.run(["locs", "confs"], {"images": images.numpy()})
-    return torch.from_numpy(locs), torch.from_numpy(confs)
-
-
-def _export_torchscript(model: SSD300, example: torch.Tensor, path: Path, metadata: dict) -> None:
-    with _quiet_export_warnings():
-        traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
-
-
-def _run_torchscript(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with _quiet_export_warnings(), torch.inference_mode():
-        return torch.jit.load(str(path), map_location="cpu")(images)
+    return OnnxSSD300(path)(images)
 
 
 def _export_program(model: SSD300, example: torch.Tensor, path: Path, metadata: dict) -> None:
-    if example.shape[0] == 1:  # torch.export specialises a size-1 dimension: it would not stay dynamic
-        example = example.expand(2, -1, -1, -1)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}})
+    example, dynamic_shapes = _dynamic_batch(example)
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
     torch.export.save(program, str(path), extra_files={METADATA_FILE: json.dumps(metadata)})
 
 
@@ -150,7 +143,7 @@ def export_model(
     *,
     metadata: dict[str, Any] | None = None,
     batch_size: int = 2,
-    opset: int = 17,
+    opset: int = 18,
     atol: float = 1e-4,
     rtol: float = 1e-5,
     seed: int = 0,
@@ -159,16 +152,16 @@ def export_model(
 
     The network only: input ``images [N, 3, 300, 300]`` (``N`` dynamic), outputs ``locs [N, 4, 8732]`` and
     ``confs [N, C, 8732]`` as :meth:`SSD300.forward`; post-process with ``ssd_lightning.postprocess``. The
-    file is traced at batch ``batch_size`` and checked on a random batch of ``batch_size + 1`` images (so the
-    dynamic batch is checked too): ``max|exported - torch| <= atol + rtol * max|torch|``. It is written under
-    a temporary name and renamed only when the check passes.
+    file is exported from a batch of ``max(batch_size, 2)`` and checked on a random batch of
+    ``batch_size + 1`` images (so the dynamic batch is checked too):
+    ``max|exported - torch| <= atol + rtol * max|torch|``. It is written under a temporary name and renamed
+    only when the check passes.
 
     Raises:
-        ConfigError: an unknown format, missing onnx/onnxruntime.
+        ConfigError: an unknown or retired format, missing onnx/onnxscript/onnxruntime.
         ExportError: the exported file does not reproduce the model.
     """
-    if format not in EXPORT_FORMATS:
-        raise ConfigError(f"format={format}: unknown export format; use one of {', '.join(EXPORT_FORMATS)}")
+    _check_format(format)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be at least 1")
     path = Path(path)
@@ -182,9 +175,6 @@ def export_model(
         if format == "onnx":
             _export_onnx(model, example, tmp, metadata, opset)
             got = _run_onnx(tmp, check)
-        elif format == "torchscript":
-            _export_torchscript(model, example, tmp, metadata)
-            got = _run_torchscript(tmp, check)
         else:
             _export_program(model, example, tmp, metadata)
             got = _run_program(tmp, check)
@@ -214,8 +204,7 @@ def export(cfg: DictConfig) -> ExportResult:
     if not ckpt_path:
         raise ConfigError("export.py needs ckpt_path=CHECKPOINT (a train.py .ckpt or an NVIDIA .pt file)")
     fmt = str(cfg.format)
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"format={fmt}: unknown export format; use one of {', '.join(EXPORT_FORMATS)}")
+    _check_format(fmt)
     ckpt = read_checkpoint(ckpt_path)
     categories = checkpoint_categories(ckpt)
     model = load_model(ckpt_path)
@@ -232,11 +221,7 @@ def export(cfg: DictConfig) -> ExportResult:
         rtol=float(cfg.rtol),
         seed=int(cfg.seed),
     )
-    runtime = {
-        "onnx": "onnxruntime",
-        "torchscript": "torch.jit.load",
-        "exported_program": "torch.export.load",
-    }[fmt]
+    runtime = {"onnx": "onnxruntime", "exported_program": "torch.export.load"}[fmt]
     print(
         f"exported {result.path} ({fmt}, dynamic batch); checked with {runtime} against PyTorch on random "
         f"input [{result.check_batch},3,300,300]: max abs difference {result.max_abs_diff:.3g} "

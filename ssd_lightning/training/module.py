@@ -42,6 +42,7 @@ from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.model import SSD300
 from ssd_lightning.postprocess import postprocess
 from ssd_lightning.training.epoch_means import EpochMeans
+from ssd_lightning.training.loops import TestAndPredictLoops
 from ssd_lightning.training.schedule import WarmupMultiStepLR, param_groups, scaled_lr
 
 __all__ = ["SSDModule"]
@@ -66,7 +67,7 @@ def _plain_list(value: Iterable[Any] | None, kind: type) -> list[Any] | None:
     return None if value is None else [kind(v) for v in value]
 
 
-class SSDModule(pl.LightningModule):
+class SSDModule(TestAndPredictLoops, pl.LightningModule):
     """SSD300 + MultiBoxLoss with NVIDIA's training recipe and COCO evaluation.
 
     All arguments are plain numbers, strings and lists (they are the checkpoint's ``hyper_parameters``, read

@@ -21,11 +21,12 @@ from ssd_lightning.errors import ConfigError, ExportError
 from ssd_lightning.evaluation import METRIC_NAMES
 from ssd_lightning.images import IMAGENET_STD, preprocess, read_image
 from ssd_lightning.model import SSD300
+from ssd_lightning.model.onnx_file import OnnxSSD300
 from ssd_lightning.runtime.builders import build_datamodule, build_module
 from ssd_lightning.runtime.entry import user_error
 from ssd_lightning.summary import main
 from ssd_lightning.tasks.evaluate import evaluate
-from ssd_lightning.tasks.export import EXPORT_FORMATS, METADATA_FILE, _run_torchscript, export, export_model
+from ssd_lightning.tasks.export import EXPORT_FORMATS, METADATA_FILE, _run_program, export, export_model
 from ssd_lightning.tasks.predict import predict
 from ssd_lightning.training.module import SSDModule
 
@@ -389,20 +390,28 @@ def test_preprocessing_matches_the_dali_validation_pipeline(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_onnx_export_round_trip(small_model, small_ckpt, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def small_onnx(small_ckpt, tmp_path_factory) -> Path:
+    """``small_ckpt`` through export.py's task (format=onnx, the dynamo exporter), in a run directory of its
+    own."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx") / "run"
     cfg = _compose(
         "export", [f"ckpt_path={small_ckpt}", "format=onnx", "batch_size=2", f"paths.output_dir={out}"]
     )
     result = export(cfg)
     assert result.path == out / "ssd300_resnet18.onnx" and result.max_abs_diff < 1e-4
-    assert [p.name for p in out.iterdir()] == ["ssd300_resnet18.onnx"]  # no temporary file left
+    assert [p.name for p in out.iterdir()] == ["ssd300_resnet18.onnx"]  # no temporary or external-data file
+    return result.path
 
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+
+def test_onnx_export_round_trip(small_model, small_onnx):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    session = ort.InferenceSession(str(small_onnx), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
-    for batch in (1, 4):  # the batch dimension is dynamic
+    assert [o.name for o in session.get_outputs()] == ["locs", "confs"]
+    for batch in (1, 3):  # the batch dimension is dynamic (exported at 2)
         images = torch.randn(batch, 3, 300, 300, generator=torch.Generator().manual_seed(batch))
         locs, confs = session.run(["locs", "confs"], {"images": images.numpy()})
         with torch.inference_mode():
@@ -410,37 +419,117 @@ def test_onnx_export_round_trip(small_model, small_ckpt, tmp_path):
         assert locs.shape == (batch, 4, 8732) and confs.shape == (batch, 3, 8732)
         assert np.abs(locs - want_locs.numpy()).max() < 1e-4
         assert np.abs(confs - want_confs.numpy()).max() < 1e-4
-    meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(str(small_onnx)).metadata_props}
     assert json.loads(meta["class_names"]) == CLASS_NAMES and json.loads(meta["category_ids"]) == CATEGORY_IDS
     assert meta["backbone"] == "resnet18"
+    # what predict.py reads back
+    runner = OnnxSSD300(small_onnx)
+    assert (runner.backbone, runner.num_classes) == ("resnet18", 3)
+    assert (runner.categories.dataset_ids, runner.categories.names) == (CATEGORY_IDS, CLASS_NAMES)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-@pytest.mark.parametrize("fmt", ["torchscript", "exported_program"])
-def test_torchscript_and_exported_program_round_trip(fmt, small_model, tmp_path):
-    path = tmp_path / f"model{EXPORT_FORMATS[fmt]}"
+def _same_detections(got: list[dict], want: list[dict]) -> None:
+    """Row sets equal up to float noise: per image, category and score (1e-4), box (1e-2 pixels). Rows of
+    nearly equal scores may come in another order."""
+    assert len(got) == len(want) > 0
+    unmatched = list(want)
+    for row in got:
+        match = next(
+            (
+                w
+                for w in unmatched
+                if (w["image_id"], w["category_id"]) == (row["image_id"], row["category_id"])
+                and abs(w["score"] - row["score"]) < 1e-4
+                and max(abs(a - b) for a, b in zip(w["bbox"], row["bbox"], strict=True)) < 1e-2
+            ),
+            None,
+        )
+        assert match is not None, row
+        unmatched.remove(match)
+
+
+def test_onnx_predict_equals_checkpoint_predict(pictures, small_ckpt, small_onnx, tmp_path):
+    common = [f"input={pictures}", "batch_size=4", "max_detections=5", "num_workers=0", "progress_bar=false"]
+    results = {}
+    for name, model in (("ckpt", small_ckpt), ("onnx", small_onnx)):
+        out = tmp_path / name
+        results[name] = predict(
+            _compose("predict", [f"ckpt_path={model}", f"paths.output_dir={out}", *common])
+        )
+    ckpt, onnx = results["ckpt"], results["onnx"]
+    _same_detections(
+        json.loads(onnx.detections_file.read_text()), json.loads(ckpt.detections_file.read_text())
+    )
+    index = {name: json.loads(r.images_file.read_text()) for name, r in results.items()}
+    assert (
+        index["onnx"]["categories"]
+        == index["ckpt"]["categories"]
+        == [
+            {"id": 7, "name": "circle"},
+            {"id": 9, "name": "square"},
+        ]
+    )
+    assert (
+        index["onnx"]["images"] == index["ckpt"]["images"]
+        and index["onnx"]["skipped"] == index["ckpt"]["skipped"]
+    )
+    assert index["onnx"]["checkpoint"] == str(small_onnx)
+    assert sorted(p.name for p in onnx.drawings_dir.iterdir()) == sorted(
+        p.name for p in ckpt.drawings_dir.iterdir()
+    )
+
+
+def test_onnx_file_without_class_metadata_fails_with_one_line(pictures, small_onnx, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(small_onnx))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    cfg = _compose("predict", [f"ckpt_path={bare}", f"input={pictures}", f"paths.output_dir={tmp_path}/run"])
+    with pytest.raises(
+        CheckpointError, match=r"bare.onnx: the ONNX file has no 'category_ids' in its metadata"
+    ):
+        predict(cfg)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    cfg = _compose("predict", [f"ckpt_path={tmp_path}/junk.onnx", f"input={pictures}"])
+    with pytest.raises(CheckpointError, match=r"junk.onnx: onnxruntime cannot load it as a model"):
+        predict(cfg)
+
+
+def test_exported_program_round_trip(small_model, tmp_path):
+    path = tmp_path / f"model{EXPORT_FORMATS['exported_program']}"
     meta = {"class_names": CLASS_NAMES}
-    result = export_model(small_model, path, fmt, metadata=meta, batch_size=1)
+    result = export_model(small_model, path, "exported_program", metadata=meta, batch_size=1)
     assert result.max_abs_diff < 1e-4 and result.check_batch == 2
     images = torch.randn(3, 3, 300, 300, generator=torch.Generator().manual_seed(0))
     extra = {METADATA_FILE: ""}
-    if fmt == "torchscript":
-        loaded = torch.jit.load(str(path), _extra_files=extra)
-    else:
-        loaded = torch.export.load(str(path), extra_files=extra).module()
+    loaded = torch.export.load(str(path), extra_files=extra).module()
     assert json.loads(extra[METADATA_FILE]) == meta
     with torch.inference_mode():
         for got, want in zip(loaded(images), small_model(images), strict=True):
             assert (got - want).abs().max() < 1e-4
 
 
+def test_torchscript_is_retired_with_one_line(small_ckpt, small_model, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"format=torchscript: .* deprecated .* use format=exported_program"
+    ):
+        export_model(small_model, tmp_path / "model.pt", "torchscript")
+    proc = _run(
+        "export.py", f"ckpt_path={small_ckpt}", "format=torchscript", f"output={tmp_path}/m.pt", cwd=tmp_path
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: format=torchscript: TorchScript")
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "m.pt").exists()
+
+
 def test_export_that_fails_its_check_writes_nothing(small_model, tmp_path, monkeypatch):
-    real = _run_torchscript
+    real = _run_program
     monkeypatch.setattr(
-        "ssd_lightning.tasks.export._run_torchscript", lambda p, x: tuple(t + 1e-2 for t in real(p, x))
+        "ssd_lightning.tasks.export._run_program", lambda p, x: tuple(t + 1e-2 for t in real(p, x))
     )
     with pytest.raises(ExportError, match="differs from PyTorch by up to 0.01"):
-        export_model(small_model, tmp_path / "model.pt", "torchscript", batch_size=1)
+        export_model(small_model, tmp_path / "model.pt2", "exported_program", batch_size=1)
     assert list(tmp_path.iterdir()) == []
 
 
