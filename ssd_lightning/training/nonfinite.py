@@ -215,21 +215,20 @@ class NonFiniteGuard(pl.Callback):
                 norms = torch._foreach_norm(grads)
                 grads_bad = ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
         flags = self._any_rank(trainer, torch.stack([loss_bad.to(device), grads_bad.to(device)]).int())
-        step = self._record(trainer, flags, trainer.global_step)
         if self.on_device:
+            self._record(trainer, flags, trainer.global_step)
             bad = flags.sum() > 0
             optimizer.found_inf = bad.float()  # type: ignore[attr-defined]  # the fused kernel skips the step
             optimizer.grad_scale = None  # type: ignore[attr-defined]
             if self._snapshot is not None:
                 self._snapshot.restore(where=bad)
             return
-        self._pending.pop()
-        loss_is_bad, grads_are_bad = (v > 0 for v in step.flags.tolist())
+        loss_is_bad, grads_are_bad = flags.tolist()  # the host waits for the device here
         if loss_is_bad or grads_are_bad:
             optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without gradients
             if self._snapshot is not None:
                 self._snapshot.restore()
-        self._count(trainer, step)
+        self._count(trainer, self._step(trainer, flags, trainer.global_step))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -257,11 +256,13 @@ class NonFiniteGuard(pl.Callback):
     # on the host: counting, reporting, stopping
     # ----------------------------------------------------------------------------------------------------
 
-    def _record(self, trainer: pl.Trainer, flags: torch.Tensor, step: int) -> _Step:
+    def _step(self, trainer: pl.Trainer, flags: torch.Tensor, step: int) -> _Step:
         batch_idx, ids = self._batch
-        entry = _Step(HostCopy(flags), step, trainer.current_epoch, batch_idx, ids)
-        self._pending.append(entry)
-        return entry
+        return _Step(HostCopy(flags), step, trainer.current_epoch, batch_idx, ids)
+
+    def _record(self, trainer: pl.Trainer, flags: torch.Tensor, step: int) -> None:
+        """Send the step's flags to the host; they are read a step later."""
+        self._pending.append(self._step(trainer, flags, step))
 
     def _read_flags(self, trainer: pl.Trainer, before_step: int | None = None) -> None:
         """Count the pending steps (older than ``before_step``; None: all), in order."""
