@@ -367,23 +367,12 @@ class SSDModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_batches = []
 
-    #: batch entries that stay on the host: metadata the host reads (ids, sizes); moved to the device and read
-    #: back they would cost blocking copies every batch
-    HOST_KEYS = ("image_ids", "image_sizes")
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move the batch to ``device``, except :attr:`HOST_KEYS` (left where the loader put them)."""
-        if not isinstance(batch, dict) or not any(k in batch for k in self.HOST_KEYS):
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        rest = {k: v for k, v in batch.items() if k not in self.HOST_KEYS}
-        moved = super().transfer_batch_to_device(rest, device, dataloader_idx)
-        return {k: moved[k] if k in moved else batch[k] for k in batch}
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """``batch``: ``images [N,3,300,300]``, ``image_ids [N]``, ``image_sizes [N,2]`` (height, width).
 
         The batch's detections come to the host in one copy (:func:`detections_to_host`) and are kept in that
-        compact form until the epoch end."""
+        compact form until the epoch end; the ids and sizes stay where they are until then (one copy each per
+        validation, not a blocking read per batch)."""
         hp = self.hparams
         locs, confs = self(batch["images"])
         detections = postprocess(
@@ -396,14 +385,8 @@ class SSDModule(pl.LightningModule):
             candidates_per_class=hp.candidates_per_class,
         )
         packed, counts = detections_to_host(detections)
-        self._val_batches.append(
-            (
-                batch["image_ids"].detach().reshape(-1).to("cpu", torch.int64),
-                batch["image_sizes"].detach().reshape(-1, 2).to("cpu", torch.int64),
-                counts,
-                packed,
-            )
-        )
+        ids, sizes = batch["image_ids"].detach().reshape(-1), batch["image_sizes"].detach().reshape(-1, 2)
+        self._val_batches.append((ids, sizes, counts, packed))  # ids, sizes: to the host at the epoch end
 
     def _default_boxes(self, device: torch.device) -> DefaultBoxes:
         boxes = self.model.default_boxes

@@ -37,11 +37,15 @@ def detections_to_host(detections: Sequence[dict[str, torch.Tensor]]) -> tuple[t
 
 
 def concat_batches(batches: Sequence[HostDetections]) -> HostDetections:
-    """This rank's validation batches as one :data:`HostDetections`."""
+    """This rank's validation batches as one :data:`HostDetections` (the ids and sizes may still be on the
+    device: one copy each for the whole validation)."""
     if not batches:
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty.reshape(0, 2), empty, torch.zeros((0, 6))
-    return tuple(torch.cat([b[i] for b in batches]) for i in range(4))  # type: ignore[return-value]
+    return tuple(
+        torch.cat([b[i] for b in batches]).to("cpu", torch.int64 if i < 3 else torch.float32)
+        for i in range(4)
+    )  # type: ignore[return-value]
 
 
 def gather_to_rank_zero(part: HostDetections) -> list[HostDetections]:
