@@ -265,7 +265,7 @@ def bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> t
         "memory_per_rank": timer.all_memory,
         "host_syncs_per_step": timer.syncs if count_syncs else None,
         "blocking_host_syncs_per_step": timer.blocking if count_syncs else None,
-        "epochs": trainer.current_epoch + 1,
+        "epochs": len(loop.gaps) + 1,  # the epochs the timed run touched
         **loop.summary(),
     }
     if bench.get("profiler"):
