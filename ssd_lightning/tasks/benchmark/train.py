@@ -151,6 +151,8 @@ class LoopTimer(pl.Callback):
         self.waits: list[float] = []
         self.busy: list[float] = []
         self.gaps: list[float] = []
+        #: peak memory at each epoch's end (CUDA: since the timed part began; CPU: peak RSS)
+        self.epoch_memory: list[dict[str, Any]] = []
         self._batches = 0
         self._end: float | None = None
         self._start: float | None = None
@@ -174,6 +176,7 @@ class LoopTimer(pl.Callback):
         last = i + 1 >= trainer.num_training_batches
         if last:
             synchronize(self.device)  # the boundary starts when the device has finished the epoch's work
+            self.epoch_memory.append(PeakMemory(self.device).read())
         now = time.perf_counter()
         if self._start is not None and self._batches > self.warmup:
             self.busy.append(now - self._start)
@@ -186,6 +189,7 @@ class LoopTimer(pl.Callback):
             "data_wait_ms": summarize([1000 * w for w in self.waits]),
             "data_wait_share": wait / (wait + busy) if wait + busy > 0 else None,
             "epoch_boundary_gap_s": [round(g, 4) for g in self.gaps],
+            "epoch_memory": self.epoch_memory,
         }
 
 
