@@ -149,12 +149,43 @@ def instantiate_callbacks(cfg: DictConfig, have_logger: bool) -> list[pl.Callbac
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any], **overrides: Any
+) -> pl.Trainer:
+    """The ``pytorch_lightning.Trainer`` of ``cfg.trainer`` (``overrides``: Trainer arguments that replace
+    the config's), with :func:`resolved_trainer_settings` applied."""
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "benchmark", "deterministic")
+    view = {k: overrides[k] if k in overrides else cfg.trainer.get(k) for k in keys}
+    settings = {**resolved_trainer_settings(view, torch.cuda.is_available()), **overrides}
     trainer = hydra.utils.instantiate(
-        cfg.trainer, _convert_="all", callbacks=callbacks, logger=loggers or False
+        cfg.trainer, _convert_="all", callbacks=callbacks, logger=loggers or False, **settings
     )
     check_torchrun_world_size(trainer)
     return trainer
+
+
+def resolved_trainer_settings(trainer: Any, cuda_available: bool) -> dict[str, Any]:
+    """Trainer arguments the config leaves to be decided by the machine.
+
+    * ``benchmark: null`` (cuDNN autotuning) becomes true when the trainer runs on CUDA (``accelerator``
+      ``gpu``/``cuda``, or ``auto`` with CUDA available) and ``deterministic`` is not set, as NVIDIA's
+      training always does: the convolution algorithms are timed once per input shape, and SSD300's shapes
+      are fixed.
+    * A DDP strategy (``trainer=ddp``'s tuned ``DDPStrategy``) with one process (``devices=1``,
+      ``num_nodes=1``) becomes ``auto``: no process group and no DDP wrapper for a single device.
+    """
+    out: dict[str, Any] = {}
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda_available)
+    if trainer.get("benchmark") is None and on_cuda and not trainer.get("deterministic"):
+        out["benchmark"] = True
+    strategy = trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, Mapping) else ""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    one_device = str(devices) == "1" if isinstance(devices, (int, str)) else len(list(devices)) == 1
+    if target.endswith("DDPStrategy") and one_device and str(nodes) == "1":
+        out["strategy"] = "auto"
+    return out
 
 
 def check_torchrun_world_size(trainer: pl.Trainer) -> None:

@@ -2,7 +2,8 @@
 
 * :class:`ValidationSchedule`: validate after listed epochs (NVIDIA's evaluation epochs) and after the last;
 * :class:`PreemptionCheckpoint` and :func:`exit_preempted`: SIGTERM becomes a checkpoint and exit code 143;
-* :class:`NonFiniteGuard`: stop after too many optimizer steps in a row with a non-finite loss or gradients;
+* :class:`NonFiniteGuard` (:mod:`.nonfinite`): skip optimizer steps with a non-finite loss or gradients on
+  the device, stop after too many in a row;
 * :class:`RNGState`: the random generators' states in the checkpoint (exact resume);
 * :class:`ModelSummaryPrinter`: the model's size and FLOPs once at start, on rank 0.
 """
@@ -23,8 +24,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ssd_lightning.errors import NonFiniteLossError
 from ssd_lightning.model.summary import model_summary
+from ssd_lightning.training.nonfinite import NonFiniteGuard
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
@@ -162,166 +163,6 @@ def _restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
     progress["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
     progress["is_last_batch"] = False
-
-
-class NonFiniteGuard(pl.Callback):
-    """Skip optimizer steps with a non-finite loss or gradients; stop after ``max_bad_steps`` in a row.
-
-    Per optimizer step: the loss of every micro-batch (``on_before_backward``) and, without a gradient
-    scaler, the gradient norms (one fused ``_foreach_norm``) are checked on the device; the flags are read in
-    one host synchronisation per step (the same one AMP's GradScaler makes). A bad step is reported as
-    ``non-finite loss at step S (epoch E, batch B)`` and skipped: its gradients are dropped (SGD leaves
-    parameters without gradients and their momentum untouched) and the BatchNorm running statistics are put
-    back to their values before the step's forward pass, so the model stays the last good one and every
-    checkpoint written afterwards (``last.ckpt``, ``best.ckpt``) is finite. The learning-rate schedule still
-    advances, as for AMP's skipped steps. After ``max_bad_steps`` bad steps in a row training stops with
-    :class:`~ssd_lightning.errors.NonFiniteLossError` (one line from train.py, exit code 1) before any
-    further checkpoint is written.
-
-    With a GradScaler (``16-mixed`` on GPU) the scaler skips steps with non-finite gradients by design (loss
-    scale overflow): those are normal and neither reported nor counted. The loss is then checked after the
-    step (``on_train_batch_end``, unscaled): a non-finite one is reported and counted, and the BatchNorm
-    statistics are put back. With DDP the flags are summed over the ranks (one small all-reduce per step),
-    so every rank skips and stops together.
-
-    Args:
-        max_bad_steps: bad optimizer steps in a row that stop training (>= 1).
-        check_gradients: also check the gradients (non-finite gradients with a finite loss), when no
-            GradScaler does.
-    """
-
-    def __init__(self, max_bad_steps: int = 5, check_gradients: bool = True) -> None:
-        if int(max_bad_steps) < 1:
-            raise ValueError(f"callbacks.non_finite.max_bad_steps={max_bad_steps}: must be >= 1")
-        self.max_bad_steps = int(max_bad_steps)
-        self.check_gradients = bool(check_gradients)
-        #: bad optimizer steps in a row so far, and in total
-        self.bad_in_row = 0
-        self.bad_total = 0
-        self._loss_bad: torch.Tensor | None = None
-        self._buffers: list[torch.Tensor] = []
-        self._snapshot: list[torch.Tensor] | None = None
-        self._window_open = False
-        self._batch: tuple[int, list[int] | None] = (0, None)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._buffers = list(pl_module.buffers())  # BatchNorm running statistics and batch counts
-        self._snapshot = None
-        self._window_open = False
-        self._loss_bad = None
-
-    def _scaler(self, trainer: pl.Trainer) -> Any:
-        return getattr(trainer.precision_plugin, "scaler", None)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._window_open:  # the first micro-batch of an optimizer step
-            if self._snapshot is None or len(self._snapshot) != len(self._buffers):
-                self._snapshot = [b.detach().clone() for b in self._buffers]
-            else:
-                torch._foreach_copy_(self._snapshot, [b.detach() for b in self._buffers])  # fused, no sync
-            self._window_open = True
-        ids = batch.get("image_ids") if isinstance(batch, dict) else None
-        self._batch = (batch_idx, None)
-        if ids is not None:
-            self._batch = (batch_idx, ids)
-
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
-        if self._scaler(trainer) is not None:
-            return  # the loss scaled by the GradScaler: an overflow there is normal (checked after the step)
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
-
-    def _any_rank(self, trainer: pl.Trainer, flags: torch.Tensor) -> list[bool]:
-        """``flags`` (int tensor) OR-ed over the DDP ranks, read on the host (the one synchronisation)."""
-        if trainer.world_size > 1:
-            flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        return [int(v) > 0 for v in flags.tolist()]
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        self._window_open = False
-        if self._scaler(trainer) is not None:
-            return  # the GradScaler skips steps with non-finite gradients itself
-        device = pl_module.device
-        loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.bool)
-        self._loss_bad = None
-        grads_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)
-        if self.check_gradients:
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm(grads)
-                grads_bad = ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
-        loss_is_bad, grads_are_bad = self._any_rank(
-            trainer, torch.stack([loss_bad.to(device), grads_bad.to(device)]).int()
-        )
-        if not (loss_is_bad or grads_are_bad):
-            self.bad_in_row = 0
-            return
-        optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without gradients
-        self._bad_step(trainer, "loss" if loss_is_bad else "gradients (finite loss)", trainer.global_step)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._scaler(trainer) is None:
-            return
-        # AMP: the step is over (the GradScaler skipped it if the gradients were not finite); a non-finite
-        # loss (unscaled, as training_step returned it) is what is reported and counted
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not torch.is_tensor(loss):
-            return
-        [bad] = self._any_rank(trainer, (~torch.isfinite(loss.detach()).all()).int().reshape(1))
-        if not bad:
-            self.bad_in_row = 0
-            return
-        self._bad_step(trainer, "loss", max(trainer.global_step - 1, 0))
-
-    def _bad_step(self, trainer: pl.Trainer, what: str, step: int) -> None:
-        """Count, undo the forward pass's BatchNorm updates, report, and stop after max_bad_steps."""
-        self.bad_in_row += 1
-        self.bad_total += 1
-        if self._snapshot is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(self._buffers, self._snapshot)
-        batch_idx, ids = self._batch
-        where = f"step {step} (epoch {trainer.current_epoch}, batch {batch_idx}"
-        if ids is not None:
-            where += f", image ids {[int(i) for i in ids.reshape(-1).tolist()]}"
-        where += ")"
-        log.warning(
-            "non-finite %s at %s: optimizer step skipped (%d in a row, training stops at %d)",
-            what, where, self.bad_in_row, self.max_bad_steps,
-        )  # fmt: skip
-        if self.bad_in_row >= self.max_bad_steps:
-            raise NonFiniteLossError(
-                f"training stopped: non-finite {what} in {self.bad_in_row} optimizer steps in a row, the "
-                f"last at {where}; the checkpoints hold the last good model. Lower optim.lr, check the data, "
-                "or raise callbacks.non_finite.max_bad_steps"
-            )
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # never write a broken model (weights can also overflow without a non-finite gradient)
-        state = checkpoint.get("state_dict") or {}
-        tensors = [(k, v) for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
-        if not tensors:
-            return
-        finite = torch.stack([torch.isfinite(v).all() for _, v in tensors])
-        if bool(finite.all()):
-            return
-
-        bad = tensors[int((~finite).nonzero()[0])][0]
-        raise NonFiniteLossError(
-            f"training stopped: the model has non-finite values ({bad}) at step {trainer.global_step} (epoch "
-            f"{trainer.current_epoch}); the checkpoint was not written, the ones on disk hold the last good "
-            "model. Lower optim.lr or check the data"
-        )
 
 
 def _rng_states() -> dict[str, Any]:

@@ -13,7 +13,9 @@ switched by ``fastpath.nms_method``.) What each switch does:
   fp16 ``GradScaler`` pass its scale and inf flag to the kernel instead of reading the inf flag on the host
   every step.
 * :class:`HostSyncCounter`: counts the operations that make the host wait for the device (``.item()``,
-  ``bool(tensor)``, ``.tolist()``, ``.cpu()``, blocking host<->device copies) while it is active.
+  ``bool(tensor)``, ``.tolist()``, ``.cpu()``, blocking host<->device copies, ``torch.distributed.barrier``)
+  while it is active.
+* :class:`HostCopy`: a device tensor copied to the host without waiting; read once the copy has landed.
 * :class:`FastPathCallback`: applies compile / optimizer kernel / cuDNN autotuning / matmul precision to a
   Lightning run of :class:`~ssd_lightning.training.module.SSDModule`.
 """
@@ -28,12 +30,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "OPTIMIZER_IMPLS",
     "FastPathCallback",
+    "HostCopy",
     "HostSyncCounter",
     "compile_module",
     "set_optimizer_impl",
@@ -134,46 +139,109 @@ def _has_bool(args: Iterable[Any]) -> bool:
     return False
 
 
+def _stack() -> list[traceback.FrameSummary]:
+    """The Python stack without the counter's own frames."""
+    return [f for f in traceback.extract_stack() if f.filename != __file__]
+
+
+def _in_progress_bar_conversion() -> bool:
+    """Whether Lightning (2.6) is turning the logged progress-bar values into numbers
+    (``_ResultCollection.metrics``: ``metrics["pbar"][name] = convert_tensors_to_scalars(value)``)."""
+    return any(
+        f.filename.endswith(os.path.join("logger_connector", "result.py")) and '"pbar"' in (f.line or "")
+        for f in _stack()
+    )
+
+
+class _TolistCounter(TorchFunctionMode):
+    """``Tensor.tolist`` calls (on the CPU they read memory directly, below the dispatcher)."""
+
+    def __init__(self, counter: HostSyncCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if func is torch.Tensor.tolist and args and (self.counter.host_reads or args[0].device.type != "cpu"):
+            self.counter._add("tolist")
+        return func(*args, **(kwargs or {}))
+
+
 class HostSyncCounter(TorchDispatchMode):
     """Count the operations that make the host wait for the device, while active (``with`` block).
 
     Counted: ``aten._local_scalar_dense`` (``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``; also what
-    ``.tolist()`` and ``nonzero`` need), copies between a non-CPU device and the CPU that are not
+    ``nonzero`` needs), ``Tensor.tolist()``, copies between a non-CPU device and the CPU that are not
     ``non_blocking`` (``.cpu()``, ``.to("cuda")`` of a pageable tensor, ``torch.tensor(x, device="cuda")``),
-    and ops whose output size depends on device data (``nonzero``, ``masked_select``, ``x[mask]``...). On the
-    CPU the copies do not exist (nor can ``torch.tensor(x)`` on the module's device be told from an ordinary
-    CPU tensor), so only the scalar reads and data-dependent shapes count there; they are the same calls that
-    synchronise on a GPU.
+    ops whose output size depends on device data (``nonzero``, ``masked_select``, ``x[mask]``...) and calls
+    of ``torch.distributed.barrier`` (``barrier``; Lightning's ``strategy.reduce`` makes one before each
+    all-reduce). On the CPU the copies do not exist (nor can ``torch.tensor(x)`` on the module's device be
+    told from an ordinary CPU tensor), so only the scalar reads, ``tolist``, data-dependent shapes and
+    barriers count there; they are the same calls that synchronise on a GPU. Not counted: reading a
+    :class:`HostCopy` that has landed (it never waits).
 
     ``host_reads=False`` leaves out scalar reads of CPU tensors (on a GPU run they cost nothing; on a CPU-only
     run keep them: they are the reads that would synchronise if the tensor lived on the GPU, an upper bound
     since some values, like a host copy of the loss, stay on the host in a GPU run too).
 
-    ``counts`` maps an op name to its count; ``total`` sums them. With ``trace=True``, ``where`` maps
-    ``"op at file:line < file:line ..."`` (the four innermost callers outside torch, one per file) to its
-    count.
+    Lightning reads every progress-bar value with ``.item()`` after every batch; the module gives it a host
+    copy of the loss (:class:`HostCopy`), a free read. Such reads of CPU tensors are counted apart, as
+    ``progress_bar_host_read`` (on a CPU-only run every tensor is a CPU tensor, so this also hides a device
+    tensor logged to the bar; on a GPU run a device tensor there counts as ``item``).
+
+    ``counts`` maps an op name to its count; ``total`` sums them; ``blocking`` leaves out
+    ``progress_bar_host_read``; ``project`` counts those whose innermost caller outside torch is this package
+    (``ssd_lightning``), not a library. With ``trace=True``, ``where`` maps ``"op at file:line < file:line
+    ..."`` (the four innermost callers outside torch, one per file) to its count.
     """
 
     _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique2", "bincount", "repeat_interleave"}
+    _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def __init__(self, trace: bool = False, host_reads: bool = True) -> None:
         super().__init__()
         self.counts: dict[str, int] = {}
         self.where: dict[str, int] = {}
+        self.project = 0
         self.trace = bool(trace)
         self.host_reads = bool(host_reads)
+        self._tolist = _TolistCounter(self)
+        self._barrier: Any = None
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def blocking(self) -> int:
+        return self.total - self.counts.get("progress_bar_host_read", 0)
+
+    def __enter__(self) -> HostSyncCounter:
+        super().__enter__()
+        self._tolist.__enter__()
+        barrier = self._barrier = dist.barrier
+
+        def counted_barrier(*args: Any, **kwargs: Any) -> Any:
+            self._add("barrier")
+            return barrier(*args, **kwargs)
+
+        dist.barrier = counted_barrier
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        dist.barrier = self._barrier
+        self._tolist.__exit__(*exc)
+        super().__exit__(*exc)
+
     def _add(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
+        callers = [f for f in reversed(_stack()) if f"{os.sep}torch{os.sep}" not in f.filename]
+        if callers and callers[0].filename.startswith(self._PACKAGE + os.sep):
+            self.project += 1
         if self.trace:
             sites: list[str] = []
             seen: set[str] = set()
-            for frame in reversed(traceback.extract_stack()[:-2]):
-                if f"{os.sep}torch{os.sep}" in frame.filename or frame.filename in seen:
+            for frame in callers:
+                if frame.filename in seen:
                     continue
                 seen.add(frame.filename)
                 sites.append(f"{os.path.basename(frame.filename)}:{frame.lineno}")
@@ -184,7 +252,9 @@ class HostSyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name == "_local_scalar_dense":
-            if self.host_reads or args[0].device.type != "cpu":
+            if args[0].device.type == "cpu" and _in_progress_bar_conversion():
+                self._add("progress_bar_host_read")
+            elif self.host_reads or args[0].device.type != "cpu":
                 self._add("item")
         elif name == "lift_fresh" and args and args[0].device.type != "cpu":
             self._add("host_device_copy")  # torch.tensor(x, device=<accelerator>): a blocking copy
@@ -200,6 +270,35 @@ class HostSyncCounter(TorchDispatchMode):
             if "cpu" in devices and len(devices) > 1:
                 self._add("host_device_copy")
         return func(*args, **kwargs)
+
+
+class HostCopy:
+    """``tensor``'s values copied to the host without making the host wait for the device.
+
+    On an accelerator: an asynchronous copy into pinned host memory and an event recorded after it;
+    :meth:`ready` says whether it has landed, :meth:`tolist` reads it (waiting only if it has not). On the
+    CPU: a copy, ready at once. The values are read through numpy: a landed copy is plain host memory, so
+    :class:`HostSyncCounter` does not count the read.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        self._event: Any = None
+        if tensor.device.type == "cpu":
+            self._host = tensor.clone()
+        else:
+            self._host = tensor.to("cpu", non_blocking=True)  # pinned, asynchronous
+            self._event = torch.Event(tensor.device)
+            self._event.record()
+
+    def ready(self) -> bool:
+        return self._event is None or bool(self._event.query())
+
+    def tolist(self) -> list[Any]:
+        """The values (``tensor.tolist()``), after the copy has landed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy().tolist()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,12 +6,13 @@ The schedule is :class:`WarmupMultiStepLR`, stepped every optimizer step by Ligh
 epoch) is in the checkpoint, so a resumed run continues the schedule where it stopped.
 
 Validation (NVIDIA's ``PyTorch/Detection/SSD/ssd/evaluate.py``): per batch, the post-processing (score >
-0.05, 200 candidates per class, NMS
-0.5, 200 detections) turns the outputs into COCO result rows (original image ids and pixels, dataset category
-ids); at the epoch end the rows of all ranks are gathered, duplicates dropped, and rank 0 scores them with the
-official COCO protocol against the data module's annotation file, restricted to the images the validation
-pipeline covers. Every rank logs the same ``val/AP`` (and the 11 other COCO numbers, and ``val/AP/<class>``).
-Lightning's sanity check never produces metrics: its partial pass is discarded.
+0.05, 200 candidates per class, NMS 0.5, 200 detections) runs on the device and its detections come to the
+host in one copy; at the epoch end every rank sends its detections to rank 0 (compact tensors, one message
+per rank), which turns them into COCO result rows (original image ids and pixels, dataset category ids),
+drops duplicates and scores them with the official COCO protocol against the data module's annotation file,
+restricted to the images the validation pipeline covers. Every rank logs the same ``val/AP`` (and the 11
+other COCO numbers, and ``val/AP/<class>``). Lightning's sanity check never produces metrics: its partial
+pass is discarded.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 
 from ssd_lightning.boxes import DefaultBoxes
 from ssd_lightning.checkpoints import CheckpointError, check_label_space, check_num_classes, load_weights_into
@@ -33,7 +33,6 @@ from ssd_lightning.class_metrics import metric_safe
 from ssd_lightning.evaluation import (
     METRIC_NAMES,
     CocoEvaluation,
-    detections_to_coco,
     evaluate_coco,
     load_annotations,
     merge_detections,
@@ -44,6 +43,13 @@ from ssd_lightning.postprocess import postprocess
 from ssd_lightning.training.epoch_means import EpochMeans
 from ssd_lightning.training.loops import TestAndPredictLoops
 from ssd_lightning.training.schedule import WarmupMultiStepLR, param_groups, scaled_lr
+from ssd_lightning.training.validation import (
+    HostDetections,
+    coco_rows,
+    concat_batches,
+    detections_to_host,
+    gather_to_rank_zero,
+)
 
 __all__ = ["SSDModule"]
 
@@ -188,8 +194,7 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         self.val_evaluation: CocoEvaluation | None = None
         #: the learning rate at the optimizer's first step (after scaling to the global batch).
         self.base_lr: float | None = None
-        self._val_rows: list[dict[str, Any]] = []
-        self._val_seen: list[int] = []
+        self._val_batches: list[HostDetections] = []  # this validation's batches, on the host
         self._gt_cache: tuple[str, Any] | None = None
         self._last_batch_end: float | None = None
         self._loss_on_host: tuple[torch.Tensor, Any] | None = None  # (pinned host loss, its copy's event)
@@ -381,11 +386,14 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         check_label_space(self.hparams.num_classes, self.hparams.category_ids, data_ids)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_rows = []
-        self._val_seen = []
+        self._val_batches = []
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """``batch``: ``images [N,3,300,300]``, ``image_ids [N]``, ``image_sizes [N,2]`` (height, width)."""
+        """``batch``: ``images [N,3,300,300]``, ``image_ids [N]``, ``image_sizes [N,2]`` (height, width).
+
+        The batch's detections come to the host in one copy (:func:`detections_to_host`) and are kept in that
+        compact form until the epoch end; the ids and sizes stay where they are until then (one copy each per
+        validation, not a blocking read per batch)."""
         hp = self.hparams
         locs, confs = self(batch["images"])
         detections = postprocess(
@@ -397,11 +405,9 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
             max_detections=hp.max_detections,
             candidates_per_class=hp.candidates_per_class,
         )
-        ids = self.category_ids()
-        if hp.num_classes - 1 > len(ids):  # a head wider than the data set: drop labels it has no id for
-            detections = [{k: v[d["labels"] <= len(ids)] for k, v in d.items()} for d in detections]
-        self._val_rows.extend(detections_to_coco(batch["image_ids"], batch["image_sizes"], detections, ids))
-        self._val_seen.extend(int(i) for i in batch["image_ids"].reshape(-1).tolist())
+        packed, counts = detections_to_host(detections)
+        ids, sizes = batch["image_ids"].detach().reshape(-1), batch["image_sizes"].detach().reshape(-1, 2)
+        self._val_batches.append((ids, sizes, counts, packed))  # ids, sizes: to the host at the epoch end
 
     def _default_boxes(self, device: torch.device) -> DefaultBoxes:
         boxes = self.model.default_boxes
@@ -411,23 +417,19 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         return boxes
 
     def on_validation_epoch_end(self) -> None:
-        rows, seen = self._val_rows, self._val_seen
-        self._val_rows, self._val_seen = [], []
+        batches, self._val_batches = self._val_batches, []
         if self.trainer.sanity_checking:  # a partial pass: never scored, never logged
             return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (seen, rows))
-        else:
-            gathered = [(seen, rows)]
+        gathered = gather_to_rank_zero(concat_batches(batches))
 
         metrics: dict[str, float] | None = None
         per_class: dict[str, dict[str, Any]] | None = None
         if self.trainer.is_global_zero:
             datamodule = self._datamodule()
-            detections = merge_detections([r for _, r in gathered])
+            ids = self.category_ids()
+            detections = merge_detections([coco_rows(part, ids) for part in gathered])
             expected = [int(i) for i in datamodule.val_image_ids]
-            covered = {i for s, _ in gathered for i in s}
+            covered = {int(i) for part in gathered for i in part[0].tolist()}
             if covered != set(expected):
                 log.warning(
                     "validation covered %d of the %d validation images (limit_val_batches, fast_dev_run or a "

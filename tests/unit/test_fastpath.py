@@ -169,3 +169,37 @@ def test_fast_path_callback_switches_the_lightning_optimizer(tmp_path):
     data = torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4)
     trainer.fit(Tiny(), data)
     assert seen == [(False, True), (False, True)]
+
+
+@pytest.mark.parametrize(
+    ("setting", "tolerance"),
+    [
+        ({"optimizer": "fused"}, 1e-5),
+        ({"optimizer": "foreach"}, 1e-5),
+        ({"channels_last": True}, 1e-3),  # other convolution kernels: float32 rounding grows over 2 steps
+        pytest.param({"compile": True}, 1e-3, marks=pytest.mark.slow),  # inductor on the CPU: minutes
+    ],
+)
+def test_train_py_fast_path_keys_train_like_eager(setting, tolerance, tmp_path):
+    """train.py's switches (callbacks.fastpath.optimizer / compile, model.channels_last) through the Lightning
+    loop: SSDModule, SGD, NVIDIA's loss, two steps on one made-up batch; the weights end as eager's."""
+    from ssd_lightning.tasks.benchmark.train import DeviceBatches
+    from ssd_lightning.training.module import SSDModule
+
+    def train(channels_last=False, **callback):
+        torch.manual_seed(0)
+        module = SSDModule("resnet18", num_classes=3, batch_size=2, lr=0.05, channels_last=channels_last)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[FastPathCallback(**callback)],
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=DeviceBatches(module, 2, 2))
+        return {k: v.detach() for k, v in module.model.state_dict().items()}
+
+    eager = train()
+    fast = train(**setting)
+    for key, value in eager.items():
+        # BatchNorm statistics of the 1x1 last blocks (variance of 2 values) amplify rounding: 10x looser
+        tol = tolerance * (10 if key.endswith(("running_var", "running_mean")) else 1)
+        torch.testing.assert_close(fast[key], value, rtol=tol, atol=tol, msg=lambda m, k=key: f"{k}: {m}")

@@ -9,13 +9,14 @@ switches of :mod:`ssd_lightning.training.fastpath`). Each mode warms up, then ti
 ``benchmark.repeats`` samples of ``benchmark.steps_per_repeat`` iterations; images/s is reported as the
 median and spread over the samples.
 
-* ``train``: the real Lightning training step (``SSDModule`` + ``MultiBoxLoss`` + SGD) fed by the real data
-  module (DALI), built from the same config as ``train.py``
-  (:func:`ssd_lightning.runtime.builders.build_datamodule`,
-  :func:`~ssd_lightning.runtime.builders.build_module`, ``cfg.trainer``), run by ``Trainer.fit`` for
-  ``warmup + repeats * steps_per_repeat`` steps with validation, checkpoints, loggers and the progress bar
-  off. :class:`StepTimer` takes the time between the ends of batches (data loading included), synchronising
-  the device only at the sample boundaries. ``trainer.devices>1`` runs DDP; images/s is then global.
+* ``train``: the loop ``train.py`` runs, built as it builds it (:mod:`ssd_lightning.runtime.builders`: data
+  module, ``SSDModule``, the configured callbacks with the ``fastpath.*`` switches as ``callbacks.fastpath``,
+  the Trainer of ``cfg.trainer``), run by ``Trainer.fit`` for ``warmup + repeats * steps_per_repeat`` steps
+  without loggers and (unless ``benchmark.validate``) validation; ``benchmark.steps_per_epoch`` makes it cross
+  epoch boundaries. :class:`StepTimer` takes the time between the ends of batches (data loading included),
+  synchronising the device only at the sample boundaries; the record also has the data-wait share, the
+  epoch-boundary gaps and the peak memory per epoch (``train.LoopTimer``) and the blocking host reads of one
+  warm-up step. ``trainer.devices>1`` runs DDP; images/s is then global.
   ``benchmark.input=synthetic`` feeds the same step with one batch made on the device (random images, random
   targets in the ``box_encoder`` format) instead of DALI: the model, loss and optimizer alone, and no DALI
   needed.

@@ -48,7 +48,8 @@ def bench_inference(cfg: DictConfig, settings: dict[str, Any], batch_size: int) 
     bench, fast = settings["benchmark"], settings["fastpath"]
     device = resolve_device(cfg.trainer.get("accelerator"), "trainer.accelerator")
     autocast_dtype, param_dtype = precision_settings(cfg.trainer.get("precision", "32-true"), device)
-    set_backend_flags(fast["cudnn_benchmark"] if device.type == "cuda" else None, fast["matmul_precision"])
+    cudnn = fast["cudnn_benchmark"] if fast["cudnn_benchmark"] is not None else True  # null: on for CUDA
+    set_backend_flags(cudnn if device.type == "cuda" else None, fast["matmul_precision"])
     model = _inference_model(cfg, bench).to(device=device, dtype=param_dtype).eval()
     memory_format = torch.channels_last if fast["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)

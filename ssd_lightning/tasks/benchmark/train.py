@@ -1,8 +1,11 @@
-"""``benchmark.py mode=train``: the real Lightning training step, timed between batch ends.
+"""``benchmark.py mode=train``: the loop ``train.py`` runs, timed between batch ends.
 
-Built from the same config as ``train.py``; :class:`StepTimer` synchronises the device only at sample
-boundaries. ``benchmark.input=synthetic`` feeds one batch made on the device (:class:`DeviceBatches`) instead
-of DALI: the model, loss and optimizer alone.
+Built as ``train.py`` builds it (:mod:`ssd_lightning.runtime.builders`: data module, module, the configured
+callbacks with the fast-path switches, the Trainer of ``cfg.trainer``), without loggers and, unless
+``benchmark.validate``, without validation; ``benchmark.steps_per_epoch`` makes it cross epoch boundaries.
+:class:`StepTimer` synchronises the device only at sample boundaries; :class:`LoopTimer` measures the data
+wait and the epoch-boundary gap. ``benchmark.input=synthetic`` feeds one batch made on the device
+(:class:`DeviceBatches`) instead of DALI: the model, loss and optimizer alone.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -24,6 +26,8 @@ from ssd_lightning.errors import ConfigError
 from ssd_lightning.runtime.builders import (
     build_datamodule,
     build_module,
+    build_trainer,
+    instantiate_callbacks,
     instantiate_module,
     prepare_synthetic,
 )
@@ -36,10 +40,7 @@ from ssd_lightning.tasks.benchmark.common import (
     synchronize,
     with_values,
 )
-from ssd_lightning.training.fastpath import (
-    FastPathCallback,
-    HostSyncCounter,
-)
+from ssd_lightning.training.fastpath import HostSyncCounter
 
 
 class StepTimer(pl.Callback):
@@ -70,6 +71,7 @@ class StepTimer(pl.Callback):
         self.memory: dict[str, Any] = {}
         self.all_memory: list[dict[str, Any]] = []
         self.syncs: dict[str, int] | None = None
+        self.blocking: int | None = None
         self._steps = 0
         self._last: float | None = None
         self._counter: HostSyncCounter | None = None
@@ -92,6 +94,7 @@ class StepTimer(pl.Callback):
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.syncs = dict(self._counter.where)
+            self.blocking = self._counter.blocking
             self._counter = None
         if self.count_syncs and step == self.warmup - 1:
             self._counter = HostSyncCounter(trace=True, host_reads=self.device.type == "cpu")
@@ -128,12 +131,80 @@ class StepTimer(pl.Callback):
             self.all_memory = [self.memory]
 
 
+class LoopTimer(pl.Callback):
+    """The host's view of the training loop: how long each step waited for its batch, and the gap at each
+    epoch boundary.
+
+    * data wait: from the end of one training batch to the start of the next inside an epoch (Lightning
+      fetching the batch from the loader, plus its bookkeeping); ``data_wait_share`` is its part of the time
+      from the first measured batch end to the last.
+    * epoch-boundary gap: from the end of an epoch's last batch (the device synchronised) to the start of the
+      next epoch's first batch: the epoch-end callbacks (checkpoints), validation when it runs, the loader's
+      new epoch and its first batch.
+
+    The first ``warmup`` batches are left out of the data wait.
+    """
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup = int(warmup)
+        self.device = device
+        self.waits: list[float] = []
+        self.busy: list[float] = []
+        self.gaps: list[float] = []
+        #: peak memory at each epoch's end (CUDA: since the timed part began; CPU: peak RSS)
+        self.epoch_memory: list[dict[str, Any]] = []
+        self._batches = 0
+        self._end: float | None = None
+        self._start: float | None = None
+        self._epoch_over = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.device = pl_module.device
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._end is not None:
+            if self._epoch_over:
+                self.gaps.append(now - self._end)
+            elif self._batches > self.warmup:
+                self.waits.append(now - self._end)
+        self._epoch_over = False
+        self._start = now
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        self._batches += 1
+        last = i + 1 >= trainer.num_training_batches
+        if last:
+            synchronize(self.device)  # the boundary starts when the device has finished the epoch's work
+            self.epoch_memory.append(PeakMemory(self.device).read())
+        now = time.perf_counter()
+        if self._start is not None and self._batches > self.warmup:
+            self.busy.append(now - self._start)
+        self._end = now
+        self._epoch_over = last
+
+    def summary(self) -> dict[str, Any]:
+        wait, busy = sum(self.waits), sum(self.busy)
+        return {
+            "data_wait_ms": summarize([1000 * w for w in self.waits]),
+            "data_wait_share": wait / (wait + busy) if wait + busy > 0 else None,
+            "epoch_boundary_gap_s": [round(g, 4) for g in self.gaps],
+            "epoch_memory": self.epoch_memory,
+        }
+
+
 def bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> tuple[dict[str, Any], bool]:
     """One training run at ``batch_size`` per device; returns (record, is_global_zero)."""
 
     bench, fast = settings["benchmark"], settings["fastpath"]
     cfg = with_values(
-        cfg, **{"data.batch_size": batch_size, "model.channels_last": bool(fast["channels_last"])}
+        cfg,
+        **{
+            "data.batch_size": batch_size,
+            "model.channels_last": bool(fast["channels_last"]),
+            # the benchmark's switches are train.py's callbacks.fastpath (one FastPathCallback)
+            **{f"callbacks.fastpath.{k}": fast[k] for k in FASTPATH_CALLBACK_KEYS},
+        },
     )
     seed = pl.seed_everything(cfg.get("seed") if cfg.get("seed") is not None else 0, workers=True)
     if bench["input"] == "synthetic":
@@ -149,33 +220,22 @@ def bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> t
         fast["compile"] or fast["compile_loss"] or bench.get("profiler") == "pytorch"
     )
     timer = StepTimer(bench["warmup"], bench["repeats"], bench["steps_per_repeat"], device, count_syncs)
-    callbacks = [
-        FastPathCallback(
-            compile=fast["compile"],
-            compile_loss=fast["compile_loss"],
-            compile_mode=fast["compile_mode"],
-            optimizer=fast["optimizer"],
-            cudnn_benchmark=fast["cudnn_benchmark"],
-            matmul_precision=fast["matmul_precision"],
-        ),
-        timer,
-    ]
-
-    trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        _convert_="all",
-        callbacks=callbacks,
-        logger=False,
-        max_steps=timer.total_steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        benchmark=fast["cudnn_benchmark"],
-        profiler=_profiler(bench.get("profiler"), Path(cfg.paths.output_dir), batch_size, device),
-    )
+    loop = LoopTimer(bench["warmup"], device)
+    callbacks = [*instantiate_callbacks(cfg, have_logger=False), loop, timer]  # train.py's, then the timers
+    overrides: dict[str, Any] = {
+        "max_steps": timer.total_steps,
+        "max_epochs": -1,
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+        "profiler": _profiler(bench.get("profiler"), Path(cfg.paths.output_dir), batch_size, device),
+    }
+    if not bench.get("validate"):
+        overrides["limit_val_batches"] = 0
+    if bench.get("steps_per_epoch"):
+        overrides["limit_train_batches"] = int(bench["steps_per_epoch"])
+    if fast.get("cudnn_benchmark") is not None:
+        overrides["benchmark"] = bool(fast["cudnn_benchmark"])
+    trainer = build_trainer(cfg, callbacks, [], **overrides)
     with JobScope():
         if datamodule is None:
             trainer.fit(module, train_dataloaders=DeviceBatches(module, batch_size, timer.total_steps))
@@ -208,10 +268,17 @@ def bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> t
         "memory": timer.all_memory[0] if timer.all_memory else timer.memory,
         "memory_per_rank": timer.all_memory,
         "host_syncs_per_step": timer.syncs if count_syncs else None,
+        "blocking_host_syncs_per_step": timer.blocking if count_syncs else None,
+        "epochs": len(loop.gaps) + 1,  # the epochs the timed run touched
+        **loop.summary(),
     }
     if bench.get("profiler"):
         record["profile"] = _profile_summary(trainer.profiler)
     return record, trainer.is_global_zero
+
+
+#: the keys of ``fastpath.*`` (conf/benchmark.yaml) that are train.py's ``callbacks.fastpath.*``
+FASTPATH_CALLBACK_KEYS = ("compile", "compile_loss", "compile_mode", "optimizer", "matmul_precision")
 
 
 def _profiler(kind: str | None, out_dir: Path, batch_size: int, device: torch.device) -> Any:
