@@ -119,7 +119,7 @@ def cpu_decode_pipeline(data: np.ndarray):
     return decode()
 
 
-def _inspect(path: Path) -> tuple[str, int, int, str | None]:
+def _inspect(path: str | os.PathLike) -> tuple[str, int, int, str | None]:
     """:func:`inspect_image` without the decoder check: (format, width, height, suspicion or None).
 
     Reads the first :data:`_HEAD` bytes (more only while a JPEG's frame header is not found) and the last
@@ -181,28 +181,28 @@ def inspect_image(path: str | os.PathLike) -> tuple[str, int, int]:
     decoded once with DALI's decoder to decide. Sizes are in stored pixel orientation (EXIF orientation is not
     applied, as in the pipelines and as COCO annotations are made).
     """
-    fmt, width, height, suspect = _inspect(Path(path))
+    fmt, width, height, suspect = _inspect(path)
     if suspect is not None and dali_decode_error(path) is not None:
         raise ValueError(suspect)
     return fmt, width, height
 
 
-def _run_in_threads(check, ids: list[int], max_workers: int, progress: str | None) -> list[str | None]:
-    """``[check(i) for i in ids]`` in threads, in chunks, with a progress log line every few seconds."""
-    chunk = 1024
-    chunks = [ids[k : k + chunk] for k in range(0, len(ids), chunk)]
+def _run_in_threads(check, count: int, max_workers: int, progress: str | None) -> list[str | None]:
+    """``[check(k) for k in range(count)]`` in threads, in chunks, with a progress log line every few seconds."""
+    chunk = 2048
+    starts = range(0, count, chunk)
     results: list[str | None] = []
     start = last = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for part in pool.map(lambda c: [check(i) for i in c], chunks):
+        for part in pool.map(lambda k0: [check(k) for k in range(k0, min(k0 + chunk, count))], starts):
             results.extend(part)
             now = time.perf_counter()
-            if progress and now - last >= _PROGRESS_EVERY and len(results) < len(ids):
+            if progress and now - last >= _PROGRESS_EVERY and len(results) < count:
                 last = now
                 log.info(
                     "data: checked %s of %s %s images (%.0f/s)",
                     f"{len(results):,}",
-                    f"{len(ids):,}",
+                    f"{count:,}",
                     progress,
                     len(results) / (now - start),
                 )
@@ -227,21 +227,25 @@ def check_image_files(
     """
     image_dir = Path(image_dir)
     ids = list(image_ids)
+    # Looked up once, before the threads: the mappings are views whose lookups hold the GIL, and per-file
+    # Path objects cost as much as the check itself at COCO scale.
+    names, sizes = ann.file_names, ann.sizes
+    paths = [os.path.join(image_dir, names[i]) for i in ids]
+    expected = [sizes[i] for i in ids]
 
-    def check(iid: int) -> str | None:
-        p = image_dir / ann.file_names[iid]
+    def check(k: int) -> str | None:
         if not check_content:
-            return None if p.is_file() else "file not found"
+            return None if os.path.isfile(paths[k]) else "file not found"
         try:
-            _fmt, width, height, suspect = _inspect(p)
+            _fmt, width, height, suspect = _inspect(paths[k])
         except ValueError as e:
             return str(e)
-        h, w = ann.sizes[iid]
+        h, w = expected[k]
         if (width, height) != (w, h):
             return f"image is {width}x{height} but the annotation says {w}x{h} (boxes would be misplaced)"
         return f"?{suspect}" if suspect else None
 
-    results = _run_in_threads(check, ids, max_workers, progress)
+    results = _run_in_threads(check, len(ids), max_workers, progress)
     for k, (iid, r) in enumerate(zip(ids, results, strict=True)):
         if r is not None and r.startswith("?"):  # not conclusive: ask the decoder (rare, one thread)
             results[k] = r[1:] if dali_decode_error(image_dir / ann.file_names[iid]) is not None else None
