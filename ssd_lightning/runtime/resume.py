@@ -116,17 +116,18 @@ def _find_checkpoint(
     return find_last_checkpoint(None, Path(cfg.paths.log_dir) / str(cfg.task_name) / "runs")
 
 
-def _refuse_fixed(new: list[Override], saved: dict[str, Override], run_dir: Path, ckpt: Path) -> None:
-    """One ConfigError line when ``new`` changes what the checkpoint holds (:data:`FIXED`)."""
-    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+def _refuse_fixed(new: list[Override], run_dir: Path, ckpt: Path) -> None:
+    """One ConfigError line when ``new`` changes what the checkpoint holds (:data:`FIXED`), compared with what
+    the run's ``.hydra/`` says (a value in ``config.yaml``, a group's option in ``hydra.yaml``)."""
+    saved = OmegaConf.merge(
+        *(OmegaConf.load(f) for f in (run_dir / ".hydra").glob("*.yaml") if f.name != "overrides.yaml")
+    )
     for override in new:
         key = _key(override)
         if key not in FIXED:
             continue
-        if "." in key:  # a value: the run's composed config says what it was
-            before = OmegaConf.select(config, key, default=None)
-        else:  # a group: the run's own override of it, if any
-            before = saved[key].value() if key in saved else None
+        where = key if "." in key else f"hydra.runtime.choices.{key}"
+        before = OmegaConf.select(saved, where, default=None)
         after = None if override.is_delete() else override.value()
         if str(before) != str(after):
             raise ConfigError(
@@ -180,7 +181,7 @@ def resume_argv(argv: list[str], config_dir: str | Path, config_name: str = "tra
         str(line) for line in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
     ]
     saved = parser.parse_overrides(saved_lines)
-    _refuse_fixed(overrides, {_key(o): o for o in saved}, run_dir, ckpt)
+    _refuse_fixed(overrides, run_dir, ckpt)
     merged = _merge(saved, overrides)
     if not any(_key(o) == "hydra.run.dir" for o in overrides):
         merged.append(f"hydra.run.dir={hydra_override_quote(str(run_dir))}")

@@ -23,6 +23,8 @@ def _run_dir(root: Path, overrides: list[str], backbone: str = "resnet18") -> Pa
     (root / "checkpoints").mkdir()
     (root / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (root / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": backbone}}))
+    choices = {"experiment": "quickstart", "model": "ssd300"}
+    (root / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
     (root / "checkpoints" / "last.ckpt").write_bytes(b"not read before Hydra composes")
     return root
 
@@ -100,3 +102,10 @@ def test_an_override_the_checkpoint_cannot_follow_is_one_error_line(tmp_path, ov
     )
     assert f"({was} in its .hydra/)" in lines[0] and f"model.init_from={ckpt}" in lines[0]
     assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) == ["experiment=quickstart"]
+
+
+def test_repeating_the_runs_model_and_recipe_is_allowed(tmp_path):
+    run = _run_dir(tmp_path / "run", ["experiment=quickstart"])
+    argv = ["train.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "experiment=quickstart"]
+    argv += ["model=ssd300", "model.backbone=resnet18"]  # the run's own (model=ssd300: the default option)
+    assert resume_argv(argv, CONF_DIR)[1:4] == ["experiment=quickstart", argv[1], "model=ssd300"]
