@@ -269,6 +269,28 @@ class SSDModule(pl.LightningModule):
             event.record()
             self._loss_on_host = (host, event)
 
+    def on_train_start(self) -> None:
+        # optim.warmup_steps / optim.milestones as fractions need the run's length: known once the training
+        # data is set up (and a resumed run's position restored)
+        scheduler = self._scheduler()
+        if scheduler is None:
+            return
+        hp = self.hparams
+        length = trainer_run_length(self.trainer)
+        schedule = resolve_schedule(hp.warmup_steps, hp.milestones, length)
+        scheduler.apply(schedule, self.current_epoch)
+        if self.trainer.is_global_zero:
+            log.info(
+                "SGD lr %.6g = optim.lr %.6g x global batch %d / %d; %s",
+                self.base_lr,
+                hp.lr,
+                self.global_batch_size(),
+                hp.reference_batch_size,
+                schedule.describe(hp.gamma),
+            )
+            if length is not None:
+                log.info("training budget: %s (trainer.max_%s)", length.describe(), length.bounded_by)
+
     def on_train_epoch_start(self) -> None:
         scheduler = self._scheduler()
         if scheduler is not None:
@@ -325,26 +347,8 @@ class SSDModule(pl.LightningModule):
             momentum=hp.momentum,
             nesterov=hp.nesterov,
         )
-        length = trainer_run_length(self.trainer) if self._trainer is not None else None
-        schedule = resolve_schedule(hp.warmup_steps, hp.milestones, length)
-        scheduler = WarmupMultiStepLR(
-            optimizer,
-            schedule.warmup_steps,
-            schedule.epoch_milestones,
-            hp.gamma,
-            step_milestones=schedule.step_milestones,
-        )
-        if self._trainer is None or self.trainer.is_global_zero:
-            log.info(
-                "SGD lr %.6g = optim.lr %.6g x global batch %d / %d; %s",
-                self.base_lr,
-                hp.lr,
-                global_batch,
-                hp.reference_batch_size,
-                schedule.describe(hp.gamma),
-            )
-            if length is not None:
-                log.info("training budget: %s (trainer.max_%s)", length.describe(), length.bounded_by)
+        # the schedule (warmup, milestones) is set at on_train_start, when the run's length is known
+        scheduler = WarmupMultiStepLR(optimizer, 0, (), hp.gamma)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},

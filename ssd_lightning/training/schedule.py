@@ -137,12 +137,14 @@ def run_length(
 
 
 def trainer_run_length(trainer: Any) -> RunLength | None:
-    """The length of ``trainer``'s fit (None: no end). Sets up the training data if the Trainer has not yet
-    (as Lightning's own ``estimated_stepping_batches`` does), to count the batches per epoch."""
+    """The length of ``trainer``'s fit (None: no end), once its training data is set up (``on_train_start``).
+
+    Not earlier: setting the data up from ``configure_optimizers`` (as Lightning's
+    ``estimated_stepping_batches`` does) runs before a checkpoint is restored, and Lightning then never gives
+    the data loader its saved position (a mid-epoch resume would not replay its batches).
+    """
     if trainer.max_steps in (None, -1) and trainer.max_epochs in (None, -1):
         return None
-    if trainer.train_dataloader is None:
-        trainer.fit_loop.setup_data()
     batches = trainer.num_training_batches
     if batches == float("inf"):  # no length: only a step budget can end the run
         batches = trainer.max_steps if trainer.max_steps not in (None, -1) else 1
@@ -236,6 +238,13 @@ class WarmupMultiStepLR(LRScheduler):
             1 for m in self.step_milestones if m <= step
         )
         return warm * self.gamma**decays
+
+    def apply(self, schedule: Schedule, epoch: int) -> None:
+        """Use ``schedule`` from now on (at training start: the run's length is known), in ``epoch``."""
+        self.warmup_steps = schedule.warmup_steps
+        self.milestones = sorted(schedule.epoch_milestones)
+        self.step_milestones = sorted(schedule.step_milestones)
+        self.set_epoch(epoch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.DEFINITION})
