@@ -129,7 +129,9 @@ def main() -> None:
         f"synthetic.num_train={args.train_images}",
         f"synthetic.num_val={args.val_images}",
         f"trainer.max_epochs={args.epochs}",
+        "trainer.max_steps=-1",  # the quickstart's step budget would end a long soak early
         "trainer.check_val_every_n_epoch=5",
+        "callbacks.validation_schedule.epochs=null",  # every 5 epochs, not only after the last
         f"optim.milestones=[{max(args.epochs - 2, 1)}]",
         "callbacks.progress_bar.refresh_rate=0",
         "+callbacks.memory_log._target_=__main__.MemoryLog",

@@ -14,8 +14,8 @@ script)::
 that is the quickstart recipe (ResNet-18 SSD300, DALI CPU pipeline, batch 16) for two optimizer steps without
 validation, so the time is mostly start-up: imports, parsing and validating both annotation files, checking
 every image file (``data.check_images``), building the DALI pipelines and the model, and the end of the run
-(checkpoint). ``max_steps`` and ``limit_val_batches`` are not in ``conf/trainer/default.yaml``, hence ``++``
-(add or override).
+(checkpoint). ``limit_val_batches`` is not in ``conf/trainer/default.yaml``, hence ``++`` (add or override;
+``max_steps`` is, since the quickstart's step budget).
 
 Per data set: ``--repeats`` times a "cold" run (the data module's cache folder ``<cache-dir>/<set>``, passed
 as ``data.cache_dir``, is deleted first: it holds the annotation index, the image-check stamps and a repaired

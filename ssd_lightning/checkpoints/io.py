@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,6 +22,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ssd_lightning.errors import ConfigError
 from ssd_lightning.fileio import atomic_write
+from ssd_lightning.rundirs import find_last_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "find_last_checkpoint", "resolve_ckpt_path"]
 
@@ -70,24 +69,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def _write(self, checkpoint: dict[str, Any], f: BinaryIO) -> None:
         """Serialise ``checkpoint`` into the open temporary file (the seam the kill tests slow down)."""
         torch.save(checkpoint, f)
-
-
-def _newest(paths: Sequence[Path]) -> Path | None:
-    stamped = []
-    for p in paths:
-        with contextlib.suppress(OSError):
-            stamped.append((p.stat().st_mtime_ns, str(p), p))
-    return max(stamped)[2] if stamped else None
-
-
-def find_last_checkpoint(output_dir: str | os.PathLike, runs_dir: str | os.PathLike | None) -> Path | None:
-    """What ``ckpt_path=last`` resumes from (see the module docstring); None when there is nothing."""
-    own = Path(output_dir)
-    mine = [own / "checkpoints" / "last.ckpt", *own.glob("hpc_ckpt_*.ckpt")]
-    found = _newest([p for p in mine if p.is_file()])
-    if found is not None or runs_dir is None:
-        return found
-    return _newest([p for p in Path(runs_dir).glob("*/checkpoints/last.ckpt") if p.is_file()])
 
 
 def resolve_ckpt_path(cfg: Any, multirun: bool = False) -> str | None:

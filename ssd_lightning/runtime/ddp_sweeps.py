@@ -19,6 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd, to_absolute_path
 
+from ssd_lightning.runtime.resume import hydra_override_quote
+
 # What Lightning's DDP launcher (and seed_everything) put in os.environ for one run.
 _LAUNCH_ENV = (
     "MASTER_ADDR",
@@ -29,10 +31,6 @@ _LAUNCH_ENV = (
     "PL_GLOBAL_SEED",
     "PL_SEED_WORKERS",
 )
-
-
-def _hydra_override_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _config_source_args(argv: list[str]) -> list[str]:
@@ -72,7 +70,7 @@ def _hydra_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
     else:
         command += sys.argv[1:]
     command += [
-        f"hydra.run.dir={_hydra_override_quote(str(hydra_cfg.runtime.output_dir))}",
+        f"hydra.run.dir={hydra_override_quote(str(hydra_cfg.runtime.output_dir))}",
         f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
         "hydra.output_subdir=null",
         "hydra.mode=RUN",

@@ -29,6 +29,7 @@ from ssd_lightning.runtime.builders import (
 from ssd_lightning.runtime.config_check import check_config
 from ssd_lightning.runtime.ddp_sweeps import JobScope, in_multirun, install_ddp_sweep_support
 from ssd_lightning.runtime.results import metric_value, print_table, quiet_known_warnings
+from ssd_lightning.runtime.resume import accept_resumed_run, log_resumed_run
 from ssd_lightning.training.callbacks import ModelSummaryPrinter, exit_preempted
 from ssd_lightning.training.peers import PeerLossReport, install_peer_loss_observer, peer_loss_error
 
@@ -46,6 +47,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     install_ddp_sweep_support()
     install_peer_loss_observer()
     quiet_known_warnings()
+    if global_rank_from_env() == 0:
+        log_resumed_run()  # train.py ckpt_path=<a run's checkpoint>: that run, and the overrides given now
     check_config(cfg)
     with JobScope():
         seed = pl.seed_everything(cfg.get("seed"), workers=True)
@@ -65,6 +68,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )  # ckpt_path=last: the newest last.ckpt (or none)
         if ckpt_path:
             check_resume(ckpt_path, model.hparams)
+        accept_resumed_run()  # train.py ckpt_path=<a run's checkpoint>: its merged config is the run's now
         try:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path or None)
         except SIGTERMException:  # preempted: the checkpoint is written (PreemptionCheckpoint), exit 143

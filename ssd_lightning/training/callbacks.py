@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import sys
@@ -42,17 +43,20 @@ log = logging.getLogger("ssd_lightning")
 
 class ValidationSchedule(pl.Callback):
     """Validate after the listed epochs, or every ``trainer.check_val_every_n_epoch`` epochs, and always after
-    the last epoch.
+    the last epoch, also when a step budget (``trainer.max_steps``) ends the run inside an epoch.
 
     NVIDIA SSD300 v1.1 evaluates after epochs 21, 31, 37, 42, 48, 53, 59 and 64 (0-based) of 65. Lightning
     can only validate every N epochs and does not validate after the last epoch unless N divides
     ``max_epochs``; this callback decides per epoch (it sets ``trainer.check_val_every_n_epoch`` to 1 on the
-    epochs that validate and to a value that skips validation on the others).
+    epochs that validate and to a value that skips validation on the others). Lightning does not validate
+    either when ``max_steps`` stops a run mid-epoch: at that step this callback sets ``trainer.should_stop``,
+    which makes Lightning validate after the step (as for early stopping); the epoch-end checkpoints follow.
 
     Args:
         epochs: 0-based epochs after which to validate. None: every ``trainer.check_val_every_n_epoch`` epochs
-            (Lightning's rule).
-        final: also validate after the last epoch (``max_epochs - 1``), so a run always ends with its AP.
+            (Lightning's rule); ``[]``: only after the last epoch (``experiment=quickstart``).
+        final: also validate after the last epoch (``max_epochs - 1``, or the epoch in which the step budget
+            runs out), so a run always ends with its AP.
 
     With ``trainer.check_val_every_n_epoch=null`` (validation every N training batches) the callback does
     nothing.
@@ -65,12 +69,23 @@ class ValidationSchedule(pl.Callback):
         self._active = False
 
     def should_validate(self, epoch: int, max_epochs: int | None) -> bool:
-        """Whether to validate after 0-based ``epoch``."""
+        """Whether to validate after 0-based ``epoch`` of a run of ``max_epochs`` epochs."""
         if self.final and max_epochs is not None and max_epochs > 0 and epoch == max_epochs - 1:
             return True
         if self.epochs is not None:
             return epoch in self.epochs
         return self._every is not None and (epoch + 1) % self._every == 0
+
+    @staticmethod
+    def epochs_in_run(trainer: pl.Trainer) -> int | None:
+        """Epochs the fit will start: ``max_epochs``, or fewer when ``max_steps`` runs out first (the last
+        one partial); None without an end."""
+        bounds = [] if trainer.max_epochs in (None, -1) else [int(trainer.max_epochs)]
+        batches = trainer.num_training_batches
+        if trainer.max_steps not in (None, -1) and 0 < batches < float("inf"):
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+            bounds.append(max(math.ceil(trainer.max_steps / steps_per_epoch), 1))
+        return min(bounds) if bounds else None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._every = trainer.check_val_every_n_epoch
@@ -85,7 +100,15 @@ class ValidationSchedule(pl.Callback):
             return
         epoch = trainer.current_epoch
         # (epoch + 1) % (epoch + 2) != 0: Lightning skips validation this epoch.
-        trainer.check_val_every_n_epoch = 1 if self.should_validate(epoch, trainer.max_epochs) else epoch + 2
+        validate = self.should_validate(epoch, self.epochs_in_run(trainer))
+        trainer.check_val_every_n_epoch = 1 if validate else epoch + 2
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._active and self.final and trainer.max_steps not in (None, -1):
+            if trainer.global_step >= trainer.max_steps:
+                trainer.should_stop = True  # the budget is spent: validate now, even mid-epoch
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active:

@@ -42,7 +42,15 @@ from ssd_lightning.model import SSD300
 from ssd_lightning.postprocess import postprocess
 from ssd_lightning.training.epoch_means import EpochMeans
 from ssd_lightning.training.loops import TestAndPredictLoops
-from ssd_lightning.training.schedule import WarmupMultiStepLR, param_groups, scaled_lr
+from ssd_lightning.training.schedule import (
+    WarmupMultiStepLR,
+    milestone_values,
+    param_groups,
+    resolve_schedule,
+    scaled_lr,
+    trainer_run_length,
+    warmup_value,
+)
 from ssd_lightning.training.validation import (
     HostDetections,
     coco_rows,
@@ -91,8 +99,9 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         reference_batch_size: the batch size ``lr`` refers to.
         batch_size: per-device batch size for the learning-rate scaling when the data module does not say.
         momentum, weight_decay, nesterov: SGD settings (weight decay on conv weights only).
-        warmup_steps: linear warmup length in optimizer steps (0: none).
-        milestones: epochs (0-based) from which the rate is multiplied by ``gamma`` once more.
+        warmup_steps: linear warmup length in optimizer steps (0: none), or a fraction of the run (0 < f < 1).
+        milestones: epochs (0-based) from which the rate is multiplied by ``gamma`` once more, or fractions
+            of the run (all ``0 < f < 1``; see :func:`~ssd_lightning.training.schedule.resolve_schedule`).
         gamma: decay factor at each milestone.
         neg_pos_ratio: hard negatives per positive in the loss.
         score_threshold, nms_iou_threshold, max_detections, candidates_per_class: validation post-processing
@@ -119,8 +128,8 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         nesterov: bool = False,
-        warmup_steps: int = 0,
-        milestones: Sequence[int] = (43, 54),
+        warmup_steps: float = 0,
+        milestones: Sequence[float] = (43, 54),
         gamma: float = 0.1,
         neg_pos_ratio: float = 3.0,
         score_threshold: float = 0.05,
@@ -160,8 +169,8 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
             "momentum": float(momentum),
             "weight_decay": float(weight_decay),
             "nesterov": bool(nesterov),
-            "warmup_steps": int(warmup_steps),
-            "milestones": sorted(int(m) for m in milestones),
+            "warmup_steps": warmup_value(warmup_steps),
+            "milestones": milestone_values(milestones),
             "gamma": float(gamma),
             "neg_pos_ratio": float(neg_pos_ratio),
             "score_threshold": float(score_threshold),
@@ -219,7 +228,7 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         # every rank says who it is and what it trains (a DDP rank's line goes to its own log file)
         hp = self.hparams
         log.info(
-            "rank %d of %d (%s): %s %d classes, optim.lr=%g warmup_steps=%d weight_decay=%g milestones=%s",
+            "rank %d of %d (%s): %s %d classes, optim.lr=%g warmup_steps=%s weight_decay=%g milestones=%s",
             self.trainer.global_rank,
             self.trainer.world_size,
             getattr(stage, "value", stage),
@@ -285,6 +294,28 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
             event.record()
             self._loss_on_host = (host, event)
 
+    def on_train_start(self) -> None:
+        # optim.warmup_steps / optim.milestones as fractions need the run's length: known once the training
+        # data is set up (and a resumed run's position restored)
+        scheduler = self._scheduler()
+        if scheduler is None:
+            return
+        hp = self.hparams
+        length = trainer_run_length(self.trainer)
+        schedule = resolve_schedule(hp.warmup_steps, hp.milestones, length)
+        scheduler.apply(schedule, self.current_epoch)
+        if self.trainer.is_global_zero:
+            log.info(
+                "SGD lr %.6g = optim.lr %.6g x global batch %d / %d; %s",
+                self.base_lr,
+                hp.lr,
+                self.global_batch_size(),
+                hp.reference_batch_size,
+                schedule.describe(hp.gamma),
+            )
+            if length is not None:
+                log.info("training budget: %s (trainer.max_%s)", length.describe(), length.bounded_by)
+
     def on_train_epoch_start(self) -> None:
         scheduler = self._scheduler()
         if scheduler is not None:
@@ -341,18 +372,8 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
             momentum=hp.momentum,
             nesterov=hp.nesterov,
         )
-        scheduler = WarmupMultiStepLR(optimizer, hp.warmup_steps, hp.milestones, hp.gamma)
-        if self._trainer is None or self.trainer.is_global_zero:
-            log.info(
-                "SGD lr %.6g = optim.lr %.6g x global batch %d / %d; warmup %d steps; x%g at epochs %s",
-                self.base_lr,
-                hp.lr,
-                global_batch,
-                hp.reference_batch_size,
-                hp.warmup_steps,
-                hp.gamma,
-                hp.milestones,
-            )
+        # the schedule (warmup, milestones) is set at on_train_start, when the run's length is known
+        scheduler = WarmupMultiStepLR(optimizer, 0, (), hp.gamma)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},

@@ -25,7 +25,7 @@ Layers = tuple[tuple[str, tuple[str, ...]], ...]
 #: covers the module and, if it is a package, all its submodules. The package's ``__init__`` is the public
 #: façade: it may import from any layer, and no module inside the package may import from it.
 LAYERS: Layers = (
-    ("foundation", ("ssd_lightning.errors", "ssd_lightning.fileio")),
+    ("foundation", ("ssd_lightning.errors", "ssd_lightning.fileio", "ssd_lightning.rundirs")),
     (
         "core",
         (
