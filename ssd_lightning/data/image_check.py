@@ -188,7 +188,8 @@ def inspect_image(path: str | os.PathLike) -> tuple[str, int, int]:
 
 
 def _run_in_threads(check, count: int, max_workers: int, progress: str | None) -> list[str | None]:
-    """``[check(k) for k in range(count)]`` in threads, in chunks, with a progress log line every few seconds."""
+    """``[check(k) for k in range(count)]`` in threads, in chunks, with a progress log line every few
+    seconds."""
     chunk = 2048
     starts = range(0, count, chunk)
     results: list[str | None] = []
