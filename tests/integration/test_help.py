@@ -16,7 +16,7 @@ GROUPS = (
     "callbacks: default, evaluate, fastpath",
     "data: coco",
     "experiment: nvidia_v1_1, quickstart",
-    "logger: csv, tensorboard",
+    "logger: csv, mlflow, tensorboard",
     "model: ssd300",
     "trainer: cpu, ddp, default, gpu",
 )
