@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_runs import run_script
 
 from ssd_lightning.model import SSD300
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def _evaluate(tmp_path: Path, run: str, *overrides: str) -> Path:
-    out = tmp_path / run
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "evaluate.py"), *overrides, f"hydra.run.dir={out}"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return run_script("evaluate", tmp_path, run, *overrides)[0]
 
 
 def test_two_process_evaluation_equals_one(synthetic_coco, tmp_path):

@@ -4,35 +4,22 @@ exactly one process, and the same files written as by one process; also with one
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_runs import run_script
 
 from ssd_lightning.model import SSD300
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def _predict(tmp_path: Path, run: str, *overrides: str) -> tuple[Path, str]:
-    out = tmp_path / run
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "predict.py"), *overrides, f"hydra.run.dir={out}"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return run_script("predict", tmp_path, run, *overrides)
 
 
 def test_two_process_predict_covers_every_picture_once(tmp_path):
