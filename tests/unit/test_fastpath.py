@@ -176,7 +176,9 @@ def test_fast_path_callback_switches_the_lightning_optimizer(tmp_path):
     [
         ({"optimizer": "fused"}, 1e-5),
         ({"optimizer": "foreach"}, 1e-5),
-        ({"channels_last": True}, 1e-3),  # other convolution kernels: float32 rounding grows over 2 steps
+        # other convolution kernels: float32 rounding grows over 2 steps at lr 0.05 (1.3e-3 seen in a fresh
+        # CI venv on the 2-vCPU AMD VM, 45 of the first conv's 9408 weights above 1e-3)
+        ({"channels_last": True}, 5e-3),
         pytest.param({"compile": True}, 1e-3, marks=pytest.mark.slow),  # inductor on the CPU: minutes
     ],
 )
