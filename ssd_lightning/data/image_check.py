@@ -247,14 +247,14 @@ def check_image_files(
         return f"?{suspect}" if suspect else None
 
     results = _run_in_threads(check, len(ids), max_workers, progress)
-    for k, (iid, r) in enumerate(zip(ids, results, strict=True)):
+    for k, r in enumerate(results):
         if r is not None and r.startswith("?"):  # not conclusive: ask the decoder (rare, one thread)
-            results[k] = r[1:] if dali_decode_error(image_dir / ann.file_names[iid]) is not None else None
-    bad = [(iid, r) for iid, r in zip(ids, results, strict=True) if r is not None]
+            results[k] = r[1:] if dali_decode_error(paths[k]) is not None else None
+    bad = [(paths[k], r) for k, r in enumerate(results) if r is not None]
     if not bad:
         return
     missing = sum(r == "file not found" for _, r in bad)
-    first = "; ".join(f"{image_dir / ann.file_names[iid]}: {r}" for iid, r in bad[:3])
+    first = "; ".join(f"{path}: {r}" for path, r in bad[:3])
     more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
     what = "missing" if missing == len(bad) else "missing or unreadable"
     raise DataError(
