@@ -96,6 +96,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
     parser.add_argument("--builtin", type=int, nargs=2, default=[512, 64], metavar=("TRAIN", "VAL"))
     parser.add_argument("--second", type=int, nargs=2, default=[240, 60], metavar=("TRAIN", "VAL"))
+    parser.add_argument(
+        "--sets",
+        type=lambda v: v.split(","),
+        default=["builtin", "second"],
+        help="which sets to run, in this order (builtin, second)",
+    )
     parser.add_argument("overrides", nargs="*", help="train.py overrides given to every run")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -118,7 +124,12 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}; overrides: {' '.join(args.overrides) or 'none'}",
         flush=True,
     )
-    for (name, data), tag in zip(sets.items(), ("builtin", "second"), strict=True):
+    tags = dict(zip(("builtin", "second"), sets.items(), strict=True))
+    unknown = sorted(set(args.sets) - set(tags))
+    if unknown:
+        raise SystemExit(f"--sets: unknown set(s) {', '.join(unknown)}; use builtin, second")
+    for tag in args.sets:
+        name, data = tags[tag]
         runs = {}
         for seed in args.seeds:
             overrides = ["experiment=quickstart", *data, f"seed={seed}", *args.overrides]
