@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ssd_lightning.data.synthetic import write_synthetic_coco
+from ssd_lightning.runtime.entry import freeze_imported_objects
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,11 @@ def _private_data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _frozen_imports() -> None:
+    """What the scripts do once their task is imported (``freeze_imported_objects``): the modules the
+    collected tests imported are left out of the cyclic garbage collector's full passes, which otherwise walk
+    torch's and Lightning's ~500k objects again and again during the in-process runs."""
+    freeze_imported_objects()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from ssd_lightning.categories import CategoryMap
 from ssd_lightning.data.annotation_columns import annotation_columns, plain_mask
@@ -168,6 +169,16 @@ def _is_number(v) -> bool:
 
 
 def _load_json(path: Path) -> dict:
+    """The parsed file: orjson for speed (COCO 2017's 448 MB train file in about half of ``json.load``'s
+    time); anything orjson refuses is parsed again by ``json``, which accepts what Python's parser accepts
+    (``NaN`` boxes included, then dropped and reported) and names the error's line and column. (One
+    difference remains: an integer beyond 64 bits comes back from orjson as a float, so an id that large is
+    reported as a non-integer id.)"""
+    try:
+        with open(path, "rb") as f:
+            return _checked_document(path, orjson.loads(f.read()))
+    except (orjson.JSONDecodeError, OSError):
+        pass  # the standard parser's result or error message, below
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -186,6 +197,12 @@ def _load_json(path: Path) -> dict:
         raise DataError(
             f"cannot read annotation file {path} ({e.strerror}); check the path and permissions"
         ) from None
+    return _checked_document(path, doc)
+
+
+def _checked_document(path: Path, doc: object) -> dict:
+    """``doc`` when it is a COCO detection document (an object with lists under ``images``, ``annotations``
+    and ``categories``); else a DataError naming what is missing."""
     if not isinstance(doc, dict):
         raise DataError(
             f"{path} is not a COCO detection file (top level is a {type(doc).__name__}, not an object with "

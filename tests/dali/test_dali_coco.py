@@ -7,13 +7,14 @@ import json
 import os
 
 import numpy as np
+import orjson
 import pytest
 import torch
 from dali_helpers import ann_file, copy_set, image_dir, load_json, save_json
 from PIL import Image
 
 from ssd_lightning.categories import CategoryMap
-from ssd_lightning.data.annotations import _dali_rel, read_annotations, write_reader_annotations
+from ssd_lightning.data.annotations import _dali_rel, _load_json, read_annotations, write_reader_annotations
 from ssd_lightning.data.image_check import check_image_files, inspect_image
 from ssd_lightning.data.layout import resolve_split_paths
 from ssd_lightning.data.synthetic import MARKER, ensure_synthetic_coco, write_synthetic_coco
@@ -210,6 +211,21 @@ def test_clean_file_is_read_as_is(synthetic_coco, tmp_path):
     assert write_reader_annotations(ann, tmp_path) == ann_file(synthetic_coco)
     assert ann.categories.dataset_ids == [3, 7, 11]
     assert len(ann.image_ids) == 16 and len(ann.annotated) == 15  # one image without annotations
+
+
+def test_the_fast_parser_reads_what_json_reads_and_hands_it_what_it_refuses(synthetic_coco, tmp_path):
+    """orjson parses the files; what it refuses (NaN, a lone surrogate) goes to ``json``, as before."""
+    path = ann_file(synthetic_coco)
+    assert _load_json(path) == json.loads(path.read_text())
+    doc = load_json(path)
+    doc["info"] = {"description": "\ud800 NaN", "nan": float("nan")}
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps(doc))  # the literal NaN and the escaped lone surrogate: not strict JSON
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(odd.read_bytes())
+    parsed = _load_json(odd)
+    assert parsed["info"]["description"] == "\ud800 NaN" and np.isnan(parsed["info"]["nan"])
+    assert parsed["annotations"] == doc["annotations"]
 
 
 def test_crowd_annotations_are_tracked(tmp_path):
