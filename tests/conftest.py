@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssd_lightning.data.synthetic import write_synthetic_coco
 from ssd_lightning.runtime.entry import freeze_imported_objects
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n N``, the suite's default), each worker and the scripts it starts get an equal
+    share of the cores for torch's threads (``OMP_NUM_THREADS``; Lightning's DDP launcher divides it again
+    per rank): N workers of all-core thread pools on a 2-core machine run several times slower
+    (docs/ARCHITECTURE.md, trap 24)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
 
 
 @pytest.fixture(scope="session")
