@@ -17,7 +17,6 @@ Box formats: COCO annotation boxes are ``[x, y, w, h]`` in pixels of the origina
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -26,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from ssd_lightning.categories import CategoryMap
 from ssd_lightning.data.annotation_columns import annotation_columns, plain_mask
+from ssd_lightning.data.coco_json import collector_paused, load_coco_document
 from ssd_lightning.errors import DataError, DataWarning
 from ssd_lightning.fileio import write_json_atomic
 
@@ -168,57 +167,6 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _load_json(path: Path) -> dict:
-    """The parsed file: orjson for speed (COCO 2017's 448 MB train file in about half of ``json.load``'s
-    time); anything orjson refuses is parsed again by ``json``, which accepts what Python's parser accepts
-    (``NaN`` boxes included, then dropped and reported) and names the error's line and column. (One
-    difference remains: an integer beyond 64 bits comes back from orjson as a float, so an id that large is
-    reported as a non-integer id.)"""
-    try:
-        with open(path, "rb") as f:
-            return _checked_document(path, orjson.loads(f.read()))
-    except (orjson.JSONDecodeError, OSError):
-        pass  # the standard parser's result or error message, below
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"annotation file {path} not found; fix the data.*_annotations path") from None
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-            "re-export or re-download it"
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(
-            f"{path} is not a UTF-8 JSON text file; point data.*_annotations at a COCO JSON"
-        ) from None
-    except OSError as e:
-        raise DataError(
-            f"cannot read annotation file {path} ({e.strerror}); check the path and permissions"
-        ) from None
-    return _checked_document(path, doc)
-
-
-def _checked_document(path: Path, doc: object) -> dict:
-    """``doc`` when it is a COCO detection document (an object with lists under ``images``, ``annotations``
-    and ``categories``); else a DataError naming what is missing."""
-    if not isinstance(doc, dict):
-        raise DataError(
-            f"{path} is not a COCO detection file (top level is a {type(doc).__name__}, not an object with "
-            "'images', 'annotations' and 'categories')"
-        )
-    for key in ("images", "annotations", "categories"):
-        if key not in doc:
-            raise DataError(
-                f"{path} is not a COCO detection file: no '{key}' key (a COCO instances file has 'images', "
-                "'annotations' and 'categories'); use an instances_*.json file"
-            )
-        if not isinstance(doc[key], list):
-            raise DataError(f"{path}: '{key}' must be a list, got {type(doc[key]).__name__}; fix the file")
-    return doc
-
-
 def _read_categories(path: Path, categories: list) -> CategoryMap:
     """The category map of a ``categories`` list (integer ids, each once)."""
     if not categories:
@@ -350,8 +298,12 @@ def read_annotations(path: str | os.PathLike) -> CocoAnnotations:
     image sizes that are not positive, an annotation without a 4-number ``bbox``. Annotations that can be
     dropped or repaired are handled in ``clean_doc`` and counted in ``report`` (no warning is issued here).
     """
-    path = Path(path)
-    doc = _load_json(path)
+    with collector_paused():
+        return _read_annotations(Path(path))
+
+
+def _read_annotations(path: Path) -> CocoAnnotations:
+    doc = load_coco_document(path)
     category_map = _read_categories(path, doc["categories"])
     known_categories = set(category_map.dataset_ids)
     file_names, raw_sizes = _read_images(path, doc["images"])

@@ -14,7 +14,8 @@ from dali_helpers import ann_file, copy_set, image_dir, load_json, save_json
 from PIL import Image
 
 from ssd_lightning.categories import CategoryMap
-from ssd_lightning.data.annotations import _dali_rel, _load_json, read_annotations, write_reader_annotations
+from ssd_lightning.data.annotations import _dali_rel, read_annotations, write_reader_annotations
+from ssd_lightning.data.coco_json import load_coco_document
 from ssd_lightning.data.image_check import check_image_files, inspect_image
 from ssd_lightning.data.layout import resolve_split_paths
 from ssd_lightning.data.synthetic import MARKER, ensure_synthetic_coco, write_synthetic_coco
@@ -216,14 +217,14 @@ def test_clean_file_is_read_as_is(synthetic_coco, tmp_path):
 def test_the_fast_parser_reads_what_json_reads_and_hands_it_what_it_refuses(synthetic_coco, tmp_path):
     """orjson parses the files; what it refuses (NaN, a lone surrogate) goes to ``json``, as before."""
     path = ann_file(synthetic_coco)
-    assert _load_json(path) == json.loads(path.read_text())
+    assert load_coco_document(path) == json.loads(path.read_text())
     doc = load_json(path)
     doc["info"] = {"description": "\ud800 NaN", "nan": float("nan")}
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps(doc))  # the literal NaN and the escaped lone surrogate: not strict JSON
     with pytest.raises(orjson.JSONDecodeError):
         orjson.loads(odd.read_bytes())
-    parsed = _load_json(odd)
+    parsed = load_coco_document(odd)
     assert parsed["info"]["description"] == "\ud800 NaN" and np.isnan(parsed["info"]["nan"])
     assert parsed["annotations"] == doc["annotations"]
 
