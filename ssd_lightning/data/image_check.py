@@ -215,11 +215,12 @@ def check_image_files(
     ann: CocoAnnotations,
     image_ids: Iterable[int],
     check_content: bool = True,
-    max_workers: int = 4,
+    max_workers: int | None = None,
     progress: str | None = None,
 ) -> None:
     """Check that every listed image exists (and, with ``check_content``, is intact and of the annotated
-    size), in ``max_workers`` threads.
+    size), in ``max_workers`` threads (default: one per core, at most 8; on a 2-core machine 2 threads check
+    118k files in 4.7-6.2 s, 4 threads in 7.0-7.3 s: the Python part of each check holds the GIL).
 
     ``ann``: anything with ``path``, ``file_names`` and ``sizes`` mappings by image id (a
     :class:`CocoAnnotations` or an annotation index). ``progress``: the split's name, to log a line with
@@ -230,9 +231,11 @@ def check_image_files(
     ids = list(image_ids)
     # Looked up once, before the threads: the mappings are views whose lookups hold the GIL, and per-file
     # Path objects cost as much as the check itself at COCO scale.
-    names, sizes = ann.file_names, ann.sizes
-    paths = [os.path.join(image_dir, names[i]) for i in ids]
-    expected = [sizes[i] for i in ids]
+    if hasattr(ann, "names_and_sizes"):  # an annotation index: in bulk
+        names, expected = ann.names_and_sizes(ids)
+    else:
+        names, expected = [ann.file_names[i] for i in ids], [ann.sizes[i] for i in ids]
+    paths = [os.path.join(image_dir, name) for name in names]
 
     def check(k: int) -> str | None:
         if not check_content:
@@ -246,7 +249,8 @@ def check_image_files(
             return f"image is {width}x{height} but the annotation says {w}x{h} (boxes would be misplaced)"
         return f"?{suspect}" if suspect else None
 
-    results = _run_in_threads(check, len(ids), max_workers, progress)
+    workers = max_workers or min(8, os.cpu_count() or 1)
+    results = _run_in_threads(check, len(ids), workers, progress)
     for k, r in enumerate(results):
         if r is not None and r.startswith("?"):  # not conclusive: ask the decoder (rare, one thread)
             results[k] = r[1:] if dali_decode_error(paths[k]) is not None else None

@@ -268,3 +268,12 @@ def test_val_annotations_are_read_and_indexed_once_per_run(synthetic_coco, tmp_p
     val_lines = [m for m in _messages(caplog) if "val annotations" in m]
     messages = [m for m in val_lines if "indexed in" in m or "from the cache" in m]
     assert len(messages) == 1 and "indexed in" in messages[0]  # the data module parsed it once too
+
+
+def test_the_index_gives_the_image_check_names_and_sizes_in_bulk(synthetic_coco, tmp_path):
+    """The bulk look-up equals the per-image views, in the order asked (ids not sorted, one repeated)."""
+    index = load_index(ann_file(synthetic_coco), tmp_path, "train")
+    ids = index.image_ids.tolist()[::-1] + index.image_ids.tolist()[:1]
+    names, sizes = index.names_and_sizes(ids)
+    assert names == [index.file_names[i] for i in ids] and sizes == [index.sizes[i] for i in ids]
+    assert len(set(names)) == len(ids) - 1 and all(name.endswith(".jpg") for name in names)
