@@ -24,6 +24,8 @@ TINY = [
     "optim.milestones=[8]",  # never reached (the quickstart's fraction 0.8 would decay at epoch 2 of 3)
     "callbacks.progress_bar.refresh_rate=0",
     "trainer.log_every_n_steps=1",
+    # no validation pictures (about 1 s per validation; test_pictures_loggers.py turns them on)
+    "callbacks.pictures.num_images=0",
 ]
 # two DDP processes on the CPU (Lightning starts rank 1), batch 2 per rank: 3 steps per epoch on the test set
 TWO_CPU_RANKS = [

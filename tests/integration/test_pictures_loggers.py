@@ -21,7 +21,7 @@ from ssd_lightning.training.pictures import ValidationPictures, pick_evenly
 
 from .hydra_helpers import REPO, TINY, compose_config
 
-ONE_EPOCH = [*TINY, "trainer.max_epochs=1", "seed=0"]
+ONE_EPOCH = [*TINY, "trainer.max_epochs=1", "seed=0", "callbacks.pictures.num_images=4"]  # the default
 
 
 def _train(overrides: list[str], run_dir: Path) -> tuple[dict, dict]:
