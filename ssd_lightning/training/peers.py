@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,23 @@ def _exit_text(code: int) -> str:
         return f"killed by signal {-code}"
 
 
-def lost_ranks(trainer: pl.Trainer) -> list[str]:
-    """The ranks this process can tell are gone, e.g. ``["rank 1 (killed by SIGKILL)"]`` (empty: unknown)."""
+def lost_ranks(trainer: pl.Trainer, wait_s: float = 2.0) -> list[str]:
+    """The ranks this process can tell are gone, e.g. ``["rank 1 (killed by SIGKILL)"]`` (empty: unknown).
+
+    A rank killed with SIGKILL closes its sockets before it can be reaped, so the failed collective may be
+    seen first: the ranks this process started are polled for up to ``wait_s`` seconds until one has ended."""
     procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
     first = trainer.node_rank * trainer.num_devices
-    lost = [
-        f"rank {first + local} ({_exit_text(code)})"
-        for local, proc in enumerate(procs, start=1)
-        if (code := proc.poll()) is not None
-    ]
+    deadline = time.monotonic() + wait_s
+    while True:
+        lost = [
+            f"rank {first + local} ({_exit_text(code)})"
+            for local, proc in enumerate(procs, start=1)
+            if (code := proc.poll()) is not None
+        ]
+        if lost or not procs or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
     if not procs and trainer.local_rank != 0 and os.getppid() != _PARENT_PID:
         lost.append(f"rank {first} (the process that started this one is gone)")
     return lost
