@@ -50,8 +50,6 @@ def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _private_data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The data modules' default cache folder (``$XDG_CACHE_HOME/ssd_lightning/data``) inside the session's
     temporary folder, for this process and the scripts it starts, not in the user's home."""
-    import os
-
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 

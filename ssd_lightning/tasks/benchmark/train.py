@@ -302,8 +302,7 @@ def _profile_summary(profiler: Any) -> dict[str, Any]:
     summary: dict[str, Any] = {"file": str(Path(profiler.dirpath) / f"fit-{profiler.filename}.txt")}
     durations = getattr(profiler, "recorded_durations", None)
     if durations:
-        # named after the epoch loop's class: ``[_TrainingEpochLoop].train_dataloader_next``
-        wait = next((v for k, v in durations.items() if k.endswith("].train_dataloader_next")), [])
+        wait = durations.get("[_TrainingEpochLoop].train_dataloader_next") or []
         run = durations.get("run_training_batch") or []
         if wait and run:
             summary["data_wait_ms_median"] = 1000 * statistics.median(wait)
