@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssd_lightning.checkpoints import check_num_classes
 from ssd_lightning.data.synthetic import ensure_synthetic_coco_on_rank
 from ssd_lightning.errors import ConfigError
+from ssd_lightning.training.sigterm import use_agreed_sigterm
 
 log = logging.getLogger("ssd_lightning")
 
@@ -161,6 +162,7 @@ def build_trainer(
         cfg.trainer, _convert_="all", callbacks=callbacks, logger=loggers or False, **settings
     )
     check_torchrun_world_size(trainer)
+    use_agreed_sigterm(trainer)
     return trainer
 
 

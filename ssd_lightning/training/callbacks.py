@@ -124,9 +124,10 @@ class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM (preemption: SLURM, Kubernetes, any scheduler), write ``<dirpath>/<filename>.ckpt`` at the
     next step boundary and stop; train.py then exits with code 143.
 
-    ``Trainer.fit`` installs Lightning's SIGTERM handler, which only records the signal (and forwards it to
-    the DDP ranks Lightning started); the loop raises ``SIGTERMException`` after the current training or
-    validation batch, on every rank at the same batch. This callback writes the checkpoint from
+    ``Trainer.fit`` installs the SIGTERM handler, which only records the signal (and forwards it to the DDP
+    ranks Lightning started); the loop raises ``SIGTERMException`` after the current training or validation
+    batch, or under DDP before the batch all ranks agreed on (:mod:`ssd_lightning.training.sigterm`). This
+    callback writes the checkpoint from
     ``on_exception`` through the trainer (``trainer.plugins``:
     :class:`~ssd_lightning.checkpoints.io.AtomicCheckpointIO`, so a second, fatal signal during the write
     leaves the previous file). The checkpoint holds the loop
