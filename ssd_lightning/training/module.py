@@ -206,6 +206,7 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         self._val_batches: list[HostDetections] = []  # this validation's batches, on the host
         self._gt_cache: tuple[str, Any] | None = None
         self._last_batch_end: float | None = None
+        self._throughputs: list[float] = []  # this epoch's step values (images/s over all ranks)
         self._loss_on_host: tuple[torch.Tensor, Any] | None = None  # (pinned host loss, its copy's event)
 
     def _init_from(self, path: str) -> None:
@@ -321,6 +322,7 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         if scheduler is not None:
             scheduler.set_epoch(self.current_epoch)
         self._last_batch_end = None
+        self._throughputs = []
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Images per second over all ranks, from the wall time between consecutive batches (data loading
@@ -328,14 +330,17 @@ class SSDModule(TestAndPredictLoops, pl.LightningModule):
         now = time.perf_counter()
         if self._last_batch_end is not None:
             images = int(batch["images"].shape[0]) * self.trainer.world_size
-            self.log(
-                "train/throughput",
-                torch.tensor(images / max(now - self._last_batch_end, 1e-9)),  # CPU tensor: no device copy
-                on_step=True,
-                on_epoch=True,
-                batch_size=1,
-            )
+            throughput = images / max(now - self._last_batch_end, 1e-9)
+            self._throughputs.append(throughput)
+            # a CPU tensor (no device copy), step only: an epoch value would be unsynchronised under DDP
+            self.log("train/throughput_step", torch.tensor(throughput), on_epoch=False, batch_size=1)
         self._last_batch_end = now
+
+    def on_train_epoch_end(self) -> None:
+        # the mean of the epoch's step values, averaged over the ranks once (every rank has as many batches)
+        if self._throughputs:
+            mean = sum(self._throughputs) / len(self._throughputs)
+            self.log("train/throughput_epoch", mean, on_epoch=True, sync_dist=True, batch_size=1)
 
     def _current_lr(self) -> float:
         optimizer = self.optimizers(use_pl_optimizer=False)
