@@ -273,7 +273,7 @@ def bench_train(cfg: DictConfig, settings: dict[str, Any], batch_size: int) -> t
         **loop.summary(),
     }
     if bench.get("profiler"):
-        record["profile"] = _profile_summary(trainer.profiler)
+        record["profile"] = _profile_summary(trainer.profiler, type(trainer.fit_loop.epoch_loop).__name__)
     return record, trainer.is_global_zero
 
 
@@ -295,14 +295,15 @@ def _profiler(kind: str | None, out_dir: Path, batch_size: int, device: torch.de
     return PyTorchProfiler(dirpath=out_dir, filename=name, sort_by_key=key, row_limit=30)
 
 
-def _profile_summary(profiler: Any) -> dict[str, Any]:
+def _profile_summary(profiler: Any, epoch_loop: str) -> dict[str, Any]:
     """The report file and, from the ``simple`` profiler, the median host time per step spent waiting for the
-    batch (``train_dataloader_next``) and running it (``run_training_batch``; on a GPU the launch time, since
-    the device is not synchronised inside a sample), and the waiting share."""
+    batch (``[<epoch_loop>].train_dataloader_next``, ``epoch_loop`` the loop's class name) and running it
+    (``run_training_batch``; on a GPU the launch time, since the device is not synchronised inside a sample),
+    and the waiting share."""
     summary: dict[str, Any] = {"file": str(Path(profiler.dirpath) / f"fit-{profiler.filename}.txt")}
     durations = getattr(profiler, "recorded_durations", None)
     if durations:
-        wait = durations.get("[_TrainingEpochLoop].train_dataloader_next") or []
+        wait = durations.get(f"[{epoch_loop}].train_dataloader_next") or []
         run = durations.get("run_training_batch") or []
         if wait and run:
             summary["data_wait_ms_median"] = 1000 * statistics.median(wait)
