@@ -91,16 +91,13 @@ class AgreedSigtermEpochLoop(_TrainingEpochLoop):
         device = self.trainer.strategy.root_device
         if self._flag is None or self._flag.device != device:
             self._flag = torch.zeros(1, dtype=torch.int32, device=device)
-        self._flag.fill_(1 if self._requested() else 0)  # a kernel, not a host-to-device copy
+        requested = self.trainer._signal_connector.requested  # use_agreed_sigterm installs both
+        self._flag.fill_(1 if requested else 0)  # a kernel, not a host-to-device copy
         try:
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         except Exception:  # as Lightning: a failed collective counts as no SIGTERM
             return
         self._reduced = HostCopy(self._flag)
-
-    def _requested(self) -> bool:
-        connector = self.trainer._signal_connector
-        return bool(getattr(connector, "requested", False) or connector.received_sigterm)
 
 
 def use_agreed_sigterm(trainer: pl.Trainer) -> None:
