@@ -35,6 +35,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ssd_lightning.training.clipping import check_fused_clipping
+
 __all__ = [
     "OPTIMIZER_IMPLS",
     "FastPathCallback",
@@ -352,3 +354,4 @@ class FastPathCallback(pl.Callback):
             return
         for optimizer in trainer.optimizers:
             set_optimizer_impl(optimizer, self.optimizer)
+        check_fused_clipping(trainer)

@@ -40,6 +40,7 @@ from ssd_lightning.evaluation import (
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.model import SSD300
 from ssd_lightning.postprocess import postprocess
+from ssd_lightning.training.clipping import FusedKernelClipping
 from ssd_lightning.training.epoch_means import EpochMeans
 from ssd_lightning.training.loops import TestAndPredictLoops
 from ssd_lightning.training.schedule import (
@@ -81,12 +82,11 @@ def _plain_list(value: Iterable[Any] | None, kind: type) -> list[Any] | None:
     return None if value is None else [kind(v) for v in value]
 
 
-class SSDModule(TestAndPredictLoops, pl.LightningModule):
+class SSDModule(TestAndPredictLoops, FusedKernelClipping, pl.LightningModule):
     """SSD300 + MultiBoxLoss with NVIDIA's training recipe and COCO evaluation.
 
-    All arguments are plain numbers, strings and lists (they are the checkpoint's ``hyper_parameters``, read
-    back with ``torch.load(weights_only=True)``). The network is ``self.model`` (state-dict keys
-    ``model.<SSD300 key>``).
+    All arguments are plain numbers, strings and lists (the checkpoint's ``hyper_parameters``, read back with
+    ``torch.load(weights_only=True)``). The network is ``self.model`` (its keys ``model.<SSD300 key>``).
 
     Args:
         backbone: ResNet trunk, ``resnet18`` ... ``resnet152`` (``resnet50``: NVIDIA SSD300 v1.1).

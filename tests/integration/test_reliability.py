@@ -17,12 +17,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ssd_lightning.checkpoints import AtomicCheckpointIO
 from ssd_lightning.checkpoints.io import find_last_checkpoint, resolve_ckpt_path
-from ssd_lightning.errors import NonFiniteLossError, WriteError
+from ssd_lightning.errors import ConfigError, NonFiniteLossError, WriteError
 from ssd_lightning.runtime.builders import build_module, instantiate_callbacks
 from ssd_lightning.runtime.entry import run_task
 from ssd_lightning.tasks.train import train
 from ssd_lightning.training.callbacks import PREEMPTED_EXIT_CODE, NonFiniteGuard
 from ssd_lightning.training.checkpointing import LinkedCheckpoint
+from ssd_lightning.training.clipping import FusedKernelClipping
+from ssd_lightning.training.fastpath import FastPathCallback
 
 from .hydra_helpers import TINY, compose_config
 
@@ -394,3 +396,43 @@ def test_amp_loss_scale_overflows_are_normal_and_a_nan_loss_is_not():
     assert trainer.precision_plugin.scaler.get_scale() < 65536  # the scaler did skip steps
     with pytest.raises(NonFiniteLossError, match="non-finite loss in 2 optimizer steps"):
         _fit_tiny(_Tiny(scale=float("nan")), NonFiniteGuard(max_bad_steps=2), plugins=amp())
+
+
+class _TinyClipped(FusedKernelClipping, _Tiny):
+    """_Tiny with SSDModule's gradient clipping."""
+
+
+def _clipped_weights(module: pl.LightningModule, guard: pl.Callback, **kwargs) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    module.load_state_dict(_Tiny().state_dict())
+    _fit_tiny(module, guard, precision="bf16-mixed", **kwargs)
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_bf16_clipping_with_the_fused_kernel_clips_as_lightning_does():
+    """bf16-mixed + gradient_clip_val: Lightning's AMP plugin refuses to clip for the fused kernel that the
+    non-finite guard picks (the quickstart crashed at its first step on a GPU); SSDModule's clipping keeps the
+    fused kernel (bad steps still skipped on the device) and gives the weights of Lightning's own clipping
+    with the default kernel."""
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        _clipped_weights(_Tiny(scale=100.0), NonFiniteGuard(), gradient_clip_val=0.5)
+    guard = NonFiniteGuard()
+    fused = _clipped_weights(_TinyClipped(scale=100.0), guard, gradient_clip_val=0.5)
+    assert guard.on_device  # the fused kernel
+    default_kernel = _clipped_weights(_Tiny(scale=100.0), pl.Callback(), gradient_clip_val=0.5)
+    unclipped = _clipped_weights(_Tiny(scale=100.0), pl.Callback())
+    for name, value in fused.items():
+        torch.testing.assert_close(value, default_kernel[name], rtol=1e-5, atol=1e-6)
+    assert any((unclipped[n] - v).abs().max() > 0.1 for n, v in fused.items())  # the clip did act
+
+
+def test_clipping_scaled_gradients_for_an_explicit_fused_kernel_is_one_config_error():
+    """16-mixed (a GradScaler) + gradient_clip_val + callbacks.fastpath.optimizer=fused: the fused kernel
+    unscales inside its step, after the clip; one line at the fit's start, not Lightning's RuntimeError at
+    the first step."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ConfigError, match=r"callbacks\.fastpath\.optimizer=auto"):
+        _fit_tiny(_TinyClipped(), FastPathCallback(optimizer="fused"), plugins=[amp], gradient_clip_val=1.0)
