@@ -24,10 +24,11 @@ from pytorch_lightning.utilities import GradClipAlgorithmType
 
 from ssd_lightning.errors import ConfigError
 
-__all__ = ["FusedKernelClipping", "check_fused_clipping"]
+__all__ = ["FusedKernelClipping", "check_fused_clipping", "grad_scaler"]
 
 
-def _grad_scaler(trainer: pl.Trainer) -> Any:
+def grad_scaler(trainer: pl.Trainer) -> Any:
+    """The trainer's GradScaler (``16-mixed`` on a GPU), else None."""
     return getattr(trainer.precision_plugin, "scaler", None)
 
 
@@ -35,7 +36,7 @@ def check_fused_clipping(trainer: pl.Trainer) -> None:
     """Raise :class:`ConfigError` when the fit would clip gradients scaled by a GradScaler for a fused
     optimizer kernel (``trainer.precision=16-mixed``, ``trainer.gradient_clip_val`` and
     ``callbacks.fastpath.optimizer=fused``)."""
-    if not trainer.gradient_clip_val or _grad_scaler(trainer) is None:
+    if not trainer.gradient_clip_val or grad_scaler(trainer) is None:
         return
     if any(_optimizer_handles_unscaling(optimizer) for optimizer in trainer.optimizers):
         raise ConfigError(
@@ -59,7 +60,7 @@ class FusedKernelClipping:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        unscaled = _grad_scaler(self.trainer) is None
+        unscaled = grad_scaler(self.trainer) is None
         if gradient_clip_val and unscaled and _optimizer_handles_unscaling(optimizer):
             algorithm = gradient_clip_algorithm or GradClipAlgorithmType.NORM
             if not isinstance(algorithm, GradClipAlgorithmType):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ssd_lightning.errors import NonFiniteLossError
+from ssd_lightning.training.clipping import grad_scaler
 from ssd_lightning.training.fastpath import HostCopy, set_optimizer_impl
 
 __all__ = ["NonFiniteGuard"]
@@ -142,9 +143,6 @@ class NonFiniteGuard(pl.Callback):
             self._use_fused_kernel(trainer, optimizer) for optimizer in trainer.optimizers
         )
 
-    def _scaler(self, trainer: pl.Trainer) -> Any:
-        return getattr(trainer.precision_plugin, "scaler", None)
-
     def _use_fused_kernel(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` now runs its fused kernel (switched from PyTorch's default if it can be)."""
         groups = optimizer.param_groups
@@ -155,7 +153,7 @@ class NonFiniteGuard(pl.Callback):
         params = [p for g in groups for p in g["params"]]
         if not all(g["fused"] for g in groups):
             default_kernel = all(not g["fused"] and g.get("foreach") is None for g in groups)
-            clipping = self._scaler(trainer) is not None and trainer.gradient_clip_val
+            clipping = grad_scaler(trainer) is not None and trainer.gradient_clip_val
             if not default_kernel or clipping or any(p.device.type not in _FUSED_DEVICES for p in params):
                 log.info("non-finite guard: the optimizer keeps its kernel; the flags are read every step")
                 return False
@@ -187,7 +185,7 @@ class NonFiniteGuard(pl.Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if self._scaler(trainer) is not None:
+        if grad_scaler(trainer) is not None:
             return  # the loss scaled by the GradScaler: an overflow there is normal (checked after the step)
         bad = ~torch.isfinite(loss.detach()).all()
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
@@ -203,7 +201,7 @@ class NonFiniteGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._window_open = False
-        if self._scaler(trainer) is not None:
+        if grad_scaler(trainer) is not None:
             return  # the GradScaler skips steps with non-finite gradients itself
         device = pl_module.device
         loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.bool)
@@ -235,7 +233,7 @@ class NonFiniteGuard(pl.Callback):
     ) -> None:
         # the flags of earlier steps: the device has long finished them, this step's work is queued
         self._read_flags(trainer, before_step=trainer.global_step - 1)
-        if self._scaler(trainer) is not None:
+        if grad_scaler(trainer) is not None:
             self._check_amp_loss(trainer, pl_module, outputs)
         if batch_idx + 1 >= trainer.num_training_batches:
             self._read_flags(trainer)  # the epoch's last step: read before validation and checkpoints
@@ -301,7 +299,7 @@ class NonFiniteGuard(pl.Callback):
         self._read_flags(trainer)
         for optimizer in trainer.optimizers:
             for name in ("found_inf", "grad_scale"):
-                if self.on_device and hasattr(optimizer, name) and self._scaler(trainer) is None:
+                if self.on_device and hasattr(optimizer, name) and grad_scaler(trainer) is None:
                     delattr(optimizer, name)
 
     def on_save_checkpoint(

@@ -414,7 +414,6 @@ def test_bf16_clipping_with_the_fused_kernel_clips_as_lightning_does():
     non-finite guard picks (the quickstart crashed at its first step on a GPU); SSDModule's clipping keeps the
     fused kernel (bad steps still skipped on the device) and gives the weights of Lightning's own clipping
     with the default kernel."""
-    torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
         _clipped_weights(_Tiny(scale=100.0), NonFiniteGuard(), gradient_clip_val=0.5)
     guard = NonFiniteGuard()
